@@ -1,0 +1,497 @@
+"""Positional encodings of the GRAPE paper behind one small interface.
+
+Every encoding is an ``nn.Module`` with one method the attention calls:
+
+    q, k, bias = encoding(x, q, k, v=None, offset=0, cache=None)
+
+- ``x`` is the attention input (B, T, C); ``q``, ``k`` are (B, H, T, D) after QK-norm.
+- Multiplicative encodings return rotated q/k (``q̃_t = G(t) q_t``, ``k̃_j = G(j) k_j``).
+- Additive encodings return a *bias description* (``SeparableBias`` or ``PathIntegralBias``)
+  instead of a (B, H, T, T) tensor, so each attention backend can evaluate the bias the way
+  it likes (dense for reference, block by block, or inside a kernel).
+- ``offset`` is the absolute position of the first query. With a ``LayerCache`` the
+  encoding stores what streaming decoding needs (key-side gates, running sums, rotated
+  probes) and the bias it returns covers every cached key.
+
+Keys always end at the last query: the Tq queries sit at positions offset..offset+Tq-1 and
+the Tk >= Tq keys at offset+Tq-Tk..offset+Tq-1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------
+# Streaming state
+# ----------------------------------------------------------------------------------------
+
+class LayerCache:
+    """What one attention layer keeps while decoding: named tensors grown along time.
+
+    The attention stores rotated keys/values here; encodings store their own key-side
+    quantities (key gates, cumulative log-forget sums, rotated probes, running phase).
+    """
+
+    def __init__(self):
+        self.length = 0          # tokens already seen by this layer
+        self.tensors: dict[str, Tensor] = {}
+
+    def extend(self, name: str, new: Tensor, dim: int = 2) -> Tensor:
+        """Append ``new`` along ``dim`` to the stored tensor and return the whole of it."""
+        old = self.tensors.get(name)
+        full = new if old is None else torch.cat([old, new], dim=dim)
+        self.tensors[name] = full
+        return full
+
+    def get(self, name: str) -> Optional[Tensor]:
+        return self.tensors.get(name)
+
+    def set(self, name: str, value: Tensor) -> None:
+        self.tensors[name] = value
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search / batch reordering)."""
+        self.tensors = {n: t.index_select(0, index.to(t.device)) for n, t in self.tensors.items()}
+
+
+def positions(offset: int, length: int, device) -> Tensor:
+    return torch.arange(offset, offset + length, device=device)
+
+
+# ----------------------------------------------------------------------------------------
+# Bias descriptions (what the attention backends evaluate)
+# ----------------------------------------------------------------------------------------
+
+def _key_positions(q_pos: Tensor, n_keys: int) -> Tensor:
+    end = q_pos[-1] + 1
+    return torch.arange(int(end) - n_keys, int(end), device=q_pos.device)
+
+
+@dataclass
+class SeparableBias:
+    """b(t, j) = -(t - j) * (slope_q[t] + slope_k[j]) + cum_q[t] - cum_k[j].
+
+    ALiBi: slope_q = m_h. GRAPE-A: slope_q = ω_h λ_q(q_t), slope_k = ω_h λ_k(k_j).
+    FoX: cum = inclusive prefix sum of log forget gates, so cum_q[t] - cum_k[j] = Σ_{j<ℓ≤t} log f_ℓ.
+    Slopes and cums are (B, H, T) on the query or key side; a head-only slope is (1, H, 1).
+    Every field may be None (absent term).
+    """
+    q_pos: Tensor                       # (Tq,) absolute query positions
+    n_keys: int
+    slope_q: Optional[Tensor] = None    # (B|1, H, Tq|1)
+    slope_k: Optional[Tensor] = None    # (B, H, Tk)
+    cum_q: Optional[Tensor] = None      # (B, H, Tq)
+    cum_k: Optional[Tensor] = None      # (B, H, Tk)
+
+    @property
+    def k_pos(self) -> Tensor:
+        return _key_positions(self.q_pos, self.n_keys)
+
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        """Bias for queries ``qs`` against keys ``ks``: (B|1, H, nq, nk), causal part only."""
+        q_pos, k_pos = self.q_pos[qs], self.k_pos[ks]
+        dist = (q_pos[:, None] - k_pos[None, :]).to(self._dtype())          # t - j
+        out = 0.0
+        slope = 0.0
+        if self.slope_q is not None:
+            sq = self.slope_q[..., qs] if self.slope_q.shape[-1] > 1 else self.slope_q
+            slope = slope + sq[..., :, None]
+        if self.slope_k is not None:
+            slope = slope + self.slope_k[..., None, ks]
+        if not isinstance(slope, float):
+            out = out - dist * slope
+        if self.cum_q is not None:
+            out = out + self.cum_q[..., qs, None] - self.cum_k[..., None, ks]
+        if isinstance(out, float):
+            raise ValueError("SeparableBias has no term")
+        return out
+
+    def dense(self) -> Tensor:
+        return self.block(slice(None), slice(None))
+
+    def _dtype(self):
+        for t in (self.slope_q, self.slope_k, self.cum_q):
+            if t is not None:
+                return t.dtype
+        return torch.float32
+
+
+def path_integral_sum(psi: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """b(t, j) = Σ_{ℓ : j < ℓ ≤ t} psi(t, ℓ), with psi (..., Tq, Tk) indexed by key ℓ.
+
+    Dense O(T²) reference used by GRAPE-AP's dense path and by tests.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]
+    psi = psi.masked_fill(~causal, 0.0)
+    # reverse inclusive cumsum minus the element itself = sum over ℓ > j
+    suffix = psi.flip(-1).cumsum(-1).flip(-1)
+    return suffix - psi
+
+
+@dataclass
+class PathIntegralBias:
+    """GRAPE-AP: b(t, j) = Σ_{j<ℓ≤t} m_h · logsigmoid(⟨p_t, r_ℓ⟩ / d_p), r_ℓ = R_ℓ p̂_ℓ."""
+    q_pos: Tensor                 # (Tq,)
+    p: Tensor                     # (B, H, Tq, dp) query-side probes
+    r: Tensor                     # (B, H, Tk, dp) rotated, normalised key-side probes
+    slope: Tensor                 # (H,) per-head scale m_h
+
+    @property
+    def n_keys(self) -> int:
+        return self.r.shape[2]
+
+    @property
+    def k_pos(self) -> Tensor:
+        return _key_positions(self.q_pos, self.n_keys)
+
+    def psi(self, qs: slice = slice(None), ks: slice = slice(None)) -> Tensor:
+        z = self.p[:, :, qs] @ self.r[:, :, ks].transpose(-1, -2) / self.p.shape[-1]
+        return self.slope.view(1, -1, 1, 1) * F.logsigmoid(z)
+
+    def dense(self) -> Tensor:
+        return path_integral_sum(self.psi(), self.q_pos, self.k_pos)
+
+
+# ----------------------------------------------------------------------------------------
+# Shared maths
+# ----------------------------------------------------------------------------------------
+
+def rope_frequencies(dim: int, base: float) -> Tensor:
+    """θ_i = base^(-2i/d), i = 0..d/2-1 (computed in float64, stored as float32)."""
+    i = torch.arange(0, dim // 2, dtype=torch.float64)
+    return (base ** (-2.0 * i / dim)).float()
+
+
+def rotate_pairs(x: Tensor, angle: Tensor) -> Tensor:
+    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi's geometric head slopes 2^(-8/H)...; for H not a power of two the usual
+    interleave of the next power of two's slopes."""
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_head).is_integer():
+        slopes = power_of_two(n_head)
+    else:
+        p = 2 ** math.floor(math.log2(n_head))
+        slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: n_head - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def inverse_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+# Rank-2 rotations (§2.3, Appendix I) -----------------------------------------------------
+
+def _rodrigues_coefficients(c: Tensor, s: Tensor):
+    """f1 = sin(c s)/s, f2 = (1 - cos(c s))/s², with series guards for s → 0."""
+    cs = c * s
+    small = cs.abs() < 1e-3
+    s_safe = torch.where(small, torch.ones_like(s), s)
+    cs2 = cs * cs
+    f1_series = c * (1 - cs2 / 6 + cs2 * cs2 / 120)
+    f2_series = c * c * (0.5 - cs2 / 24 + cs2 * cs2 / 720)
+    f1 = torch.where(small, f1_series, torch.sin(c * s_safe) / s_safe)
+    f2 = torch.where(small, f2_series, (1 - torch.cos(c * s_safe)) / (s_safe * s_safe))
+    return f1, f2
+
+
+def rank2_generator(a: Tensor, b: Tensor) -> Tensor:
+    """L = a bᵀ - b aᵀ ∈ so(d)."""
+    return a[..., :, None] * b[..., None, :] - b[..., :, None] * a[..., None, :]
+
+
+def rodrigues_exp(a: Tensor, b: Tensor, c: Tensor | float = 1.0) -> Tensor:
+    """exp(c L) = I + (sin cs / s) L + ((1 - cos cs) / s²) L², s² = |a|²|b|² - (a·b)²."""
+    c = torch.as_tensor(c, dtype=a.dtype, device=a.device)
+    L = rank2_generator(a, b)
+    s = _plane_norm(a, b)
+    f1, f2 = _rodrigues_coefficients(c, s)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return eye + f1[..., None, None] * L + f2[..., None, None] * (L @ L)
+
+
+def _plane_norm(a: Tensor, b: Tensor) -> Tensor:
+    alpha, beta, gamma = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
+    return (alpha * beta - gamma * gamma).clamp_min(0).sqrt()
+
+
+def rodrigues_apply(a: Tensor, b: Tensor, x: Tensor, c: Tensor | float = 1.0) -> Tensor:
+    """y = exp(c L) x in O(d) without forming the matrix:
+    y = x + f1 (a v - b u) + f2 [γ (a v + b u) - β a u - α b v], u = a·x, v = b·x."""
+    c = torch.as_tensor(c, dtype=x.dtype, device=x.device)
+    alpha, beta, gamma = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
+    s = (alpha * beta - gamma * gamma).clamp_min(0).sqrt()
+    f1, f2 = _rodrigues_coefficients(c, s)
+    u, v = (a * x).sum(-1, keepdim=True), (b * x).sum(-1, keepdim=True)
+    f1, f2 = f1[..., None], f2[..., None]
+    alpha, beta, gamma = alpha[..., None], beta[..., None], gamma[..., None]
+    return x + f1 * (a * v - b * u) + f2 * (gamma * (a * v + b * u) - beta * a * u - alpha * b * v)
+
+
+# ----------------------------------------------------------------------------------------
+# Encodings
+# ----------------------------------------------------------------------------------------
+
+class Encoding(nn.Module):
+    """Base class: identity on q/k, no bias. Subclasses override ``forward``."""
+    multiplicative = False   # rotates q/k
+    additive = False         # returns a bias description
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor] = None,
+                offset: int = 0, cache: Optional[LayerCache] = None):
+        return q, k, None
+
+
+class NoPE(Encoding):
+    """No position information: attention is permutation-equivariant up to the causal mask."""
+
+
+class RoPE(Encoding):
+    """Canonical RoPE (Eq. 3.1): d/2 coordinate planes, θ_i = base^(-2i/d)."""
+    multiplicative = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        _require_even(self.head_dim, "head_dim", "rotary")
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base), persistent=False)
+
+    def frequencies(self) -> Tensor:
+        return self.inv_freq
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        theta = self.frequencies()                                  # (D/2,) or (H, D/2)
+        pos = positions(offset, q.shape[2], q.device).float()
+        angle = pos[:, None] * theta[..., None, :]                  # (T, D/2) or (H, T, D/2)
+        return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+
+class GrapeM(RoPE):
+    """Commuting multiplicative GRAPE (§3.1) with learnable frequencies.
+
+    θ = θ_RoPE · exp(δ / s) with δ initialised to 0, i.e. log θ = log θ_RoPE + δ / s. This is
+    the official parameterisation (stored log-frequency divided by s = grape_log_freq_scale,
+    which slows its effective learning rate by s) written so that the initial frequencies are
+    RoPE's bit for bit.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.log_freq_scale = config.grape_log_freq_scale
+        shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
+        self.log_freq = nn.Parameter(torch.zeros(shape))
+
+    def frequencies(self) -> Tensor:
+        return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)
+
+
+class GrapeMContextual(Encoding):
+    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/16) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
+    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only."""
+    multiplicative = True
+    gate_temperature = 16.0
+
+    def __init__(self, config):
+        super().__init__(config)
+        _require_even(self.head_dim, "head_dim", "rotary")
+        n_out = self.n_head if config.grape_ctx_per_head else 1
+        self.phase_proj = nn.Linear(config.n_embd, n_out, bias=True)
+        nn.init.zeros_(self.phase_proj.weight)
+        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1e-3))
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base), persistent=False)
+
+    def increments(self, x: Tensor) -> Tensor:
+        """ω_t, shaped (B, H|1, T)."""
+        return torch.sigmoid(self.phase_proj(x) / self.gate_temperature).transpose(1, 2)
+
+    def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
+        """Φ_t = Σ_{ℓ<t} ω_ℓ (exclusive prefix sum), continued from the cache."""
+        omega = self.increments(x).float()
+        before = cache.get("phase_total") if cache is not None else None
+        inclusive = omega.cumsum(-1)
+        if before is not None:
+            inclusive = inclusive + before
+        phi = inclusive - omega
+        if cache is not None:
+            cache.set("phase_total", inclusive[..., -1:])
+        return phi
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: float = 0.0):
+        phi = self.phases(x, cache) + phase_offset                      # (B, H|1, T)
+        angle = phi[..., None] * self.inv_freq                          # (B, H|1, T, D/2)
+        return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+
+class ALiBi(Encoding):
+    """b_h(t, j) = -m_h (t - j)."""
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        n_keys = q.shape[2] + (cache.length if cache is not None else 0)
+        bias = SeparableBias(positions(offset, q.shape[2], q.device), n_keys,
+                             slope_q=self.slopes.view(1, -1, 1))
+        return q, k, bias
+
+
+class FoX(Encoding):
+    """Forgetting Transformer: f_ℓ = sigmoid(w_h·x_ℓ + b_h), b_h(t, j) = Σ_{j<ℓ≤t} log f_ℓ."""
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.forget_proj = nn.Linear(config.n_embd, self.n_head, bias=True)
+        nn.init.normal_(self.forget_proj.weight, std=0.5 / math.sqrt(config.n_embd))
+        nn.init.zeros_(self.forget_proj.bias)
+
+    def log_forget(self, x: Tensor) -> Tensor:
+        return F.logsigmoid(self.forget_proj(x).float()).transpose(1, 2)   # (B, H, T)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        cum = self.log_forget(x).cumsum(-1)
+        if cache is not None and cache.get("fox_cum") is not None:
+            cum = cum + cache.get("fox_cum")[..., -1:]
+        cum_k = cache.extend("fox_cum", cum) if cache is not None else cum
+        bias = SeparableBias(positions(offset, q.shape[2], q.device), cum_k.shape[-1],
+                             cum_q=cum, cum_k=cum_k)
+        return q, k, bias
+
+
+class GrapeA(Encoding):
+    """Additive GRAPE (Eq. 4.6): b_h(t, j) = -(t - j) ω_h (λ_q(q_t) + λ_k(k_j)).
+
+    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the L2-normalised
+    gate vectors; ω_h = softplus(ω̂_h)·m_h with m_h the ALiBi slope and softplus(ω̂_h) = 1 at
+    init. ``gates`` selects which of the two terms exist: "q", "k" or "qk".
+    """
+    additive = True
+
+    def __init__(self, config, gates: str):
+        super().__init__(config)
+        self.use_q, self.use_k = "q" in gates, "k" in gates
+        d = self.head_dim
+        if self.use_q:
+            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
+        if self.use_k:
+            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
+        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
+
+    def omega(self) -> Tensor:
+        return F.softplus(self.omega_raw) * self.slopes
+
+    def _gate(self, vec: Tensor, x: Tensor) -> Tensor:
+        unit = F.normalize(vec.float(), dim=-1)                               # (H, D)
+        score = torch.einsum("bhtd,hd->bht", x.float(), unit) / math.sqrt(self.head_dim)
+        return F.softplus(score)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        omega = self.omega().view(1, -1, 1)
+        slope_q = omega * self._gate(self.gate_q, q) if self.use_q else None
+        slope_k = None
+        if self.use_k:
+            slope_k = omega * self._gate(self.gate_k, k)
+            if cache is not None:
+                # the key-side slope ω_h λ_k(k_j) is fixed once k_j is seen: cache it
+                slope_k = cache.extend("grape_a_slope_k", slope_k)
+        n_keys = q.shape[2] + (cache.length if cache is not None else 0)
+        bias = SeparableBias(positions(offset, q.shape[2], q.device), n_keys,
+                             slope_q=slope_q, slope_k=slope_k)
+        return q, k, bias
+
+
+class GrapeAP(Encoding):
+    """Path-integral additive GRAPE (§5, Eq. 5.1-5.2).
+
+    p_t = W_p x_t per head (width p_head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
+    the rotation by angle ℓ in every plane (RoPE with base 1), ψ_h(t, ℓ) = m_h ·
+    logsigmoid(⟨p_t, r_ℓ⟩ / d_p), b_h(t, j) = Σ_{j<ℓ≤t} ψ_h(t, ℓ). ``p_tie_mode`` reuses
+    q, k or v (after QK-norm; v raw) as p instead of a projection.
+    """
+    additive = True
+    tie_modes = ("none", "pq", "pk", "pv")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.tie = config.p_tie_mode
+        if self.tie not in self.tie_modes:
+            raise ValueError(f"p_tie_mode must be one of {self.tie_modes}, got {self.tie!r}")
+        if self.tie == "none":
+            self.p_dim = config.p_head_dim
+            _require_even(self.p_dim, "p_head_dim", "GRAPE-AP (its probes rotate in planes)")
+            self.p_proj = nn.Linear(config.n_embd, self.n_head * self.p_dim, bias=False)
+            nn.init.normal_(self.p_proj.weight, std=0.5 / math.sqrt(config.n_embd))
+        else:
+            self.p_dim = self.head_dim
+            _require_even(self.p_dim, "head_dim", "GRAPE-AP with a tied probe")
+        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
+        self.register_buffer("probe_freq", torch.ones(self.p_dim // 2), persistent=False)
+
+    def probes(self, x: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor]) -> Tensor:
+        if self.tie == "none":
+            B, T, _ = x.shape
+            return self.p_proj(x).view(B, T, self.n_head, self.p_dim).transpose(1, 2)
+        return {"pq": q, "pk": k, "pv": v}[self.tie]
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        p = self.probes(x, q, k, v).float()
+        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)
+        pos = positions(offset, q.shape[2], q.device).float()
+        r = rotate_pairs(p_hat, pos[:, None] * self.probe_freq)
+        if cache is not None:
+            r = cache.extend("grape_ap_r", r)
+        bias = PathIntegralBias(positions(offset, q.shape[2], q.device), p, r, self.slopes)
+        return q, k, bias
+
+
+def _require_even(value: int, name: str, why: str) -> None:
+    if value % 2:
+        raise ValueError(f"{name}={value} must be even for {why}")
+
+
+# ----------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------
+
+ENCODINGS = {
+    "nope": NoPE,
+    "rope": RoPE,
+    "grape_m": GrapeM,
+    "grape_m_ctx": GrapeMContextual,
+    "alibi": ALiBi,
+    "fox": FoX,
+    "grape_a_q": lambda c: GrapeA(c, "q"),
+    "grape_a_k": lambda c: GrapeA(c, "k"),
+    "grape_a_qk": lambda c: GrapeA(c, "qk"),
+    "grape_ap": GrapeAP,
+}
+
+
+def build_encoding(config) -> Encoding:
+    try:
+        factory = ENCODINGS[config.pos_encoding]
+    except KeyError:
+        raise ValueError(f"unknown pos_encoding {config.pos_encoding!r}; "
+                         f"choose one of {sorted(ENCODINGS)}") from None
+    return factory(config)
