@@ -272,7 +272,7 @@ class RoPE(Encoding):
     def __init__(self, config):
         super().__init__(config)
         _require_even(self.head_dim, "head_dim", "rotary")
-        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base), persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
 
     def frequencies(self) -> Tensor:
         return self.inv_freq
@@ -316,7 +316,7 @@ class GrapeMContextual(Encoding):
         self.phase_proj = nn.Linear(config.n_embd, n_out, bias=True)
         nn.init.zeros_(self.phase_proj.weight)
         nn.init.constant_(self.phase_proj.bias, inverse_softplus(1e-3))
-        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base), persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
 
     def increments(self, x: Tensor) -> Tensor:
         """ω_t, shaped (B, H|1, T)."""
@@ -346,7 +346,7 @@ class ALiBi(Encoding):
 
     def __init__(self, config):
         super().__init__(config)
-        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         n_keys = q.shape[2] + (cache.length if cache is not None else 0)
@@ -396,7 +396,7 @@ class GrapeA(Encoding):
         if self.use_k:
             self.gate_k = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
         self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
-        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
 
     def omega(self) -> Tensor:
         return F.softplus(self.omega_raw) * self.slopes
@@ -445,8 +445,8 @@ class GrapeAP(Encoding):
         else:
             self.p_dim = self.head_dim
             _require_even(self.p_dim, "head_dim", "GRAPE-AP with a tied probe")
-        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
-        self.register_buffer("probe_freq", torch.ones(self.p_dim // 2), persistent=False)
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+        self.register_buffer("probe_freq", torch.ones(self.p_dim // 2))
 
     def probes(self, x: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor]) -> Tensor:
         if self.tie == "none":

@@ -254,6 +254,31 @@ class GPT(PreTrainedModel):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    @classmethod
+    def load(cls, path: str, map_location="cpu", **overrides) -> "GPT":
+        """Load a ``save_pretrained`` folder or a training checkpoint file (``ckpt.pt`` with
+        keys ``model`` and ``model_config``). ``overrides`` change config fields that do not
+        change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
+        import os
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+            return cls.from_pretrained(path, **overrides)
+        if os.path.isdir(path):
+            path = os.path.join(path, "ckpt.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if "model" not in ckpt or "model_config" not in ckpt:
+            raise ValueError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
+        config = GPTConfig(**{**ckpt["model_config"], **overrides})
+        model = cls(config)
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model
+
     def new_caches(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.config.n_layer)]
 
