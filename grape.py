@@ -196,16 +196,16 @@ def inverse_softplus(y: float) -> float:
 
 # Rank-2 rotations (§2.3, Appendix I) -----------------------------------------------------
 
-def _rodrigues_coefficients(c: Tensor, s: Tensor):
-    """f1 = sin(c s)/s, f2 = (1 - cos(c s))/s², with series guards for s → 0."""
-    cs = c * s
-    small = cs.abs() < 1e-3
-    s_safe = torch.where(small, torch.ones_like(s), s)
-    cs2 = cs * cs
-    f1_series = c * (1 - cs2 / 6 + cs2 * cs2 / 120)
-    f2_series = c * c * (0.5 - cs2 / 24 + cs2 * cs2 / 720)
-    f1 = torch.where(small, f1_series, torch.sin(c * s_safe) / s_safe)
-    f2 = torch.where(small, f2_series, (1 - torch.cos(c * s_safe)) / (s_safe * s_safe))
+def _rodrigues_coefficients(c: Tensor, s2: Tensor):
+    """f1 = sin(c s)/s, f2 = (1 - cos(c s))/s² as functions of s² (both are even in s), with
+    series guards for s → 0 so that neither the value nor the gradient meets sqrt(0)."""
+    x = c * c * s2                                   # (c s)²
+    small = x < 1e-6
+    s = torch.sqrt(torch.where(small, torch.ones_like(s2), s2))
+    f1_series = c * (1 - x / 6 + x * x / 120)
+    f2_series = c * c * (0.5 - x / 24 + x * x / 720)
+    f1 = torch.where(small, f1_series, torch.sin(c * s) / s)
+    f2 = torch.where(small, f2_series, (1 - torch.cos(c * s)) / (s * s))
     return f1, f2
 
 
@@ -218,15 +218,15 @@ def rodrigues_exp(a: Tensor, b: Tensor, c: Tensor | float = 1.0) -> Tensor:
     """exp(c L) = I + (sin cs / s) L + ((1 - cos cs) / s²) L², s² = |a|²|b|² - (a·b)²."""
     c = torch.as_tensor(c, dtype=a.dtype, device=a.device)
     L = rank2_generator(a, b)
-    s = _plane_norm(a, b)
-    f1, f2 = _rodrigues_coefficients(c, s)
+    f1, f2 = _rodrigues_coefficients(c, _plane_norm_squared(a, b))
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     return eye + f1[..., None, None] * L + f2[..., None, None] * (L @ L)
 
 
-def _plane_norm(a: Tensor, b: Tensor) -> Tensor:
+def _plane_norm_squared(a: Tensor, b: Tensor) -> Tensor:
+    """s² = |a|²|b|² - (a·b)² (Gram determinant; clamped against rounding below 0)."""
     alpha, beta, gamma = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
-    return (alpha * beta - gamma * gamma).clamp_min(0).sqrt()
+    return (alpha * beta - gamma * gamma).clamp_min(0)
 
 
 def rodrigues_apply(a: Tensor, b: Tensor, x: Tensor, c: Tensor | float = 1.0) -> Tensor:
@@ -234,8 +234,7 @@ def rodrigues_apply(a: Tensor, b: Tensor, x: Tensor, c: Tensor | float = 1.0) ->
     y = x + f1 (a v - b u) + f2 [γ (a v + b u) - β a u - α b v], u = a·x, v = b·x."""
     c = torch.as_tensor(c, dtype=x.dtype, device=x.device)
     alpha, beta, gamma = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
-    s = (alpha * beta - gamma * gamma).clamp_min(0).sqrt()
-    f1, f2 = _rodrigues_coefficients(c, s)
+    f1, f2 = _rodrigues_coefficients(c, _plane_norm_squared(a, b))
     u, v = (a * x).sum(-1, keepdim=True), (b * x).sum(-1, keepdim=True)
     f1, f2 = f1[..., None], f2[..., None]
     alpha, beta, gamma = alpha[..., None], beta[..., None], gamma[..., None]
