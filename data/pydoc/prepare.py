@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import prepare_common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+# tests are noisy, encodings/ is mostly codec tables, pydoc_data/ repeats the topics above
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
 
 
 def stdlib_files(stdlib: str) -> list[str]:
