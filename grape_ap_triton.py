@@ -1,0 +1,345 @@
+"""GRAPE-AP attention as a Triton flash-attention kernel: linear memory, no (T, T) tensor.
+
+Per head, with z_{tl} = <p_t, r_l> / d_p and psi(t, l) = m_h * logsigmoid(z_{tl}):
+
+    logit(t, j) = q_t . k_j * sm_scale + b(t, j),    b(t, j) = sum_{j < l <= t} psi(t, l),
+
+causal (j <= t), so the diagonal bias is 0. The bias is a suffix sum along each row, which
+no separable score_mod can express; the kernels below evaluate it block by block:
+
+- forward (one program per query block): walk key blocks from the diagonal down to 0,
+  carrying carry_t = sum of psi(t, l) over the blocks already passed. Inside a block,
+  b = carry + reverse exclusive cumsum of psi. Online softmax as in FlashAttention-2. Saves
+  the log-sum-exp and the row total R_t = sum_{l <= t} psi(t, l) for the backward.
+- backward (one program per query block): walk key blocks from 0 up to the diagonal. The
+  bias is rebuilt as b = (R_t - sum of psi over earlier blocks) - inclusive cumsum; the bias
+  gradient dpsi(t, l) = sum_{j < l} dS_{tj} is an exclusive prefix sum of dS carried along
+  the same walk. dq and dp stay in registers; the key-side gradients (dk, dv, dr) are
+  summed over query blocks with float32 atomics (a key-block-outer pass would need the
+  per-row bias carry at every key block, i.e. O(T^2 / BLOCK_N) memory).
+
+The rotation and RMS-norm that make r from p stay outside, in autograd (grape.GrapeAP).
+Without a GPU, Triton runs only through its interpreter: importing this module on a machine
+without CUDA sets TRITON_INTERPRET=1 (unless already set) before Triton is imported, so the
+same kernels run on CPU tensors (slowly; used by the tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton                      # noqa: E402  (after the interpreter switch above)
+import triton.language as tl       # noqa: E402
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MIN_DOT = 16            # tl.dot needs every dimension >= 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _logsigmoid(z):
+    # log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)), stable for both signs
+    return tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, P, R, SLOPE, O, LSE, ROWSUM,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+    spb, sph, spt, spd, srb, srh, srt, srd, sob, soh, sot, sod,
+    H, Tq, Tk, D, DP, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    off = Tk - Tq                                   # query row i sits at key index i + off
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_idx = rows + off
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DP)
+    row_ok = rows < Tq
+
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :] * sqd,
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    p = tl.load(P + b * spb + h * sph + rows[:, None] * spt + e[None, :] * spd,
+                mask=row_ok[:, None] & (e[None, :] < DP), other=0.0)
+    slope = tl.load(SLOPE + h)
+    inv_dp = 1.0 / DP
+
+    carry = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)   # finite: a row may see no key in a block
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    last_key = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, Tq - 1) + off
+    n_blocks = last_key // BLOCK_N + 1
+    for it in range(0, n_blocks):
+        start = (n_blocks - 1 - it) * BLOCK_N       # diagonal block first, then down to 0
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < Tk
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + d[None, :] * skd,
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + d[None, :] * svd,
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        r = tl.load(R + b * srb + h * srh + cols[:, None] * srt + e[None, :] * srd,
+                    mask=col_ok[:, None] & (e[None, :] < DP), other=0.0)
+        visible = (cols[None, :] <= t_idx[:, None]) & col_ok[None, :]
+
+        z = tl.dot(p, tl.trans(r), input_precision="ieee") * inv_dp
+        psi = tl.where(visible, slope * _logsigmoid(z), 0.0)
+        # b(t, j) = carry_t + sum_{l in block, l > j} psi(t, l)
+        bias = carry[:, None] + (tl.cumsum(psi, axis=1, reverse=True) - psi)
+        carry += tl.sum(psi, axis=1)
+
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + bias
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        prob = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+    stats = pid_bh.to(tl.int64) * Tq + rows
+    tl.store(LSE + stats, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(ROWSUM + stats, carry, mask=row_ok)
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, P, R, SLOPE, DO, LSE, ROWSUM, DELTA,
+    DQ, DK, DV, DPP, DR, DSLOPE,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+    spb, sph, spt, spd, srb, srh, srt, srd, sdob, sdoh, sdot, sdod,
+    H, Tq, Tk, D, DP, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # DQ, DK, DV: contiguous float32 (B, H, T, D); DPP, DR: contiguous float32 (B, H, T, DP);
+    # DSLOPE: float32 (B, H, Tq), the per-row part of d loss / d m_h. DK, DV, DR start at 0.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    off = Tk - Tq
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_idx = rows + off
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DP)
+    row_ok = rows < Tq
+    qd_mask = row_ok[:, None] & (d[None, :] < D)
+    qe_mask = row_ok[:, None] & (e[None, :] < DP)
+
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + d[None, :] * sdod,
+                 mask=qd_mask, other=0.0)
+    p = tl.load(P + b * spb + h * sph + rows[:, None] * spt + e[None, :] * spd, mask=qe_mask, other=0.0)
+    stats = bh * Tq + rows
+    lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
+    row_total = tl.load(ROWSUM + stats, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+    slope = tl.load(SLOPE + h)
+    inv_dp = 1.0 / DP
+
+    psi_before = tl.zeros([BLOCK_M], dtype=tl.float32)    # sum of psi(t, l) over earlier blocks
+    ds_before = tl.zeros([BLOCK_M], dtype=tl.float32)     # sum of dS(t, j) over earlier blocks
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_M, BLOCK_DP], dtype=tl.float32)
+    dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    last_key = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, Tq - 1) + off
+    n_blocks = last_key // BLOCK_N + 1
+    for it in range(0, n_blocks):
+        start = it * BLOCK_N                        # block 0 first, up to the diagonal
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < Tk
+        kd_mask = col_ok[:, None] & (d[None, :] < D)
+        ke_mask = col_ok[:, None] & (e[None, :] < DP)
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + d[None, :] * skd, mask=kd_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + d[None, :] * svd, mask=kd_mask, other=0.0)
+        r = tl.load(R + b * srb + h * srh + cols[:, None] * srt + e[None, :] * srd, mask=ke_mask, other=0.0)
+        visible = (cols[None, :] <= t_idx[:, None]) & col_ok[None, :] & row_ok[:, None]
+
+        z = tl.dot(p, tl.trans(r), input_precision="ieee") * inv_dp
+        log_sig = _logsigmoid(z)
+        psi = tl.where(visible, slope * log_sig, 0.0)
+        # b(t, j) = R_t - sum_{l <= j} psi(t, l)
+        bias = (row_total - psi_before)[:, None] - tl.cumsum(psi, axis=1)
+        psi_before += tl.sum(psi, axis=1)
+
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + bias
+        prob = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        dprob = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = prob * (dprob - delta[:, None])
+
+        dv_blk = tl.dot(tl.trans(prob.to(do.dtype)), do, input_precision=PRECISION)
+        dk_blk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+
+        # dpsi(t, l) = sum_{j < l} dS(t, j): exclusive prefix sum, carried across blocks
+        dpsi = ds_before[:, None] + (tl.cumsum(ds, axis=1) - ds)
+        ds_before += tl.sum(ds, axis=1)
+        dpsi = tl.where(visible, dpsi, 0.0)
+        dslope += tl.sum(dpsi * log_sig, axis=1)
+        dz = dpsi * slope * tl.sigmoid(-z) * inv_dp          # d/dz already divided by d_p
+        dp += tl.dot(dz, r, input_precision="ieee")
+        dr_blk = tl.dot(tl.trans(dz), p, input_precision="ieee")
+
+        key_d = bh * Tk * D + cols[:, None] * D + d[None, :]
+        tl.atomic_add(DK + key_d, dk_blk, mask=kd_mask)
+        tl.atomic_add(DV + key_d, dv_blk, mask=kd_mask)
+        tl.atomic_add(DR + bh * Tk * DP + cols[:, None] * DP + e[None, :], dr_blk, mask=ke_mask)
+
+    tl.store(DQ + bh * Tq * D + rows[:, None] * D + d[None, :], dq, mask=qd_mask)
+    tl.store(DPP + bh * Tq * DP + rows[:, None] * DP + e[None, :], dp, mask=qe_mask)
+    tl.store(DSLOPE + stats, dslope, mask=row_ok)
+
+
+def _block_width(n: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(n))
+
+
+def _strides(x: Tensor):
+    return tuple(x.stride())
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), ("p", p), ("r", r)):
+        if x.dim() != 4:
+            raise ValueError(f"grape_ap_triton: {name} must be 4-D (B, H, T, dim), got shape {tuple(x.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"grape_ap_triton: q/k/v dtype {q.dtype} is not supported "
+                        f"(use float16, bfloat16 or float32; the dense backend handles float64)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"grape_ap_triton: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, x in (("p", p), ("r", r), ("slope", slope)):
+        if not x.is_floating_point() or x.dtype == torch.float64:
+            raise TypeError(f"grape_ap_triton: {name} must be float32/16 (it is computed in float32), got {x.dtype}")
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if k.shape != (B, H, Tk, D) or v.shape != (B, H, Tk, D):
+        raise ValueError(f"grape_ap_triton: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+                         f"(B, H, Tk, D) = ({B}, {H}, Tk, {D})")
+    if Tq > Tk:
+        raise ValueError(f"grape_ap_triton: more queries ({Tq}) than keys ({Tk}); queries are the last Tq keys")
+    if Tq == 0:
+        raise ValueError("grape_ap_triton: no queries")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"grape_ap_triton: head dim {D} > {MAX_HEAD_DIM} is not supported")
+    dp = p.shape[-1]
+    if p.shape != (B, H, Tq, dp) or r.shape != (B, H, Tk, dp):
+        raise ValueError(f"grape_ap_triton: p {tuple(p.shape)} must be (B, H, Tq, dp) = ({B}, {H}, {Tq}, dp) "
+                         f"and r {tuple(r.shape)} must be ({B}, {H}, {Tk}, dp)")
+    if dp > MAX_HEAD_DIM:
+        raise ValueError(f"grape_ap_triton: probe width {dp} > {MAX_HEAD_DIM} is not supported")
+    if slope.shape != (H,):
+        raise ValueError(f"grape_ap_triton: slope must be (H,) = ({H},), got {tuple(slope.shape)}")
+    devices = {x.device for x in (q, k, v, p, r, slope)}
+    if len(devices) != 1:
+        raise ValueError(f"grape_ap_triton: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise RuntimeError("grape_ap_triton: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 "
+                           "before this module is imported); use the dense or chunked backend instead")
+
+
+class GrapeAPAttentionFunction(torch.autograd.Function):
+    """Autograd Function on plain tensors: (q, k, v, p, r, slope, sm_scale, block_m, block_n).
+
+    q (B, H, Tq, D), k/v (B, H, Tk, D), p (B, H, Tq, dp), r (B, H, Tk, dp), slope (H,);
+    queries are the last Tq keys. Returns (B, H, Tq, D) in q's dtype. Gradients for q, k, v,
+    p, r and slope (slope's only if it requires one).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, p, r, slope, sm_scale=None, block_m=64, block_n=64):
+        _check(q, k, v, p, r, slope)
+        B, H, Tq, D = q.shape
+        Tk, dp = k.shape[2], p.shape[-1]
+        sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+        out_dtype = q.dtype
+        if q.dtype == torch.bfloat16 and _interpreting():
+            q, k, v = q.float(), k.float(), v.float()   # the interpreter's tl.dot mis-reads bfloat16
+        p32, r32, slope32 = p.float(), r.float(), slope.float().contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+        row_total = torch.empty_like(lse)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"   # fp32 inputs: exact products
+        grid = (triton.cdiv(Tq, block_m), B * H)
+        _fwd_kernel[grid](
+            q, k, v, p32, r32, slope32, o, lse, row_total,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(p32), *_strides(r32), *_strides(o),
+            H, Tq, Tk, D, dp, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_width(D), BLOCK_DP=_block_width(dp),
+            PRECISION=precision, num_warps=4, num_stages=2,
+        )
+        ctx.save_for_backward(q, k, v, p32, r32, slope32, o, lse, row_total)
+        ctx.args = (sm_scale, block_m, block_n, precision, out_dtype, p.dtype, r.dtype, slope.dtype)
+        return o.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p, r, slope, o, lse, row_total = ctx.saved_tensors
+        sm_scale, block_m, block_n, precision, in_dtype, p_dtype, r_dtype, slope_dtype = ctx.args
+        do = do.to(q.dtype)
+        B, H, Tq, D = q.shape
+        Tk, dp = k.shape[2], p.shape[-1]
+        delta = (do.float() * o.float()).sum(-1).contiguous()       # rowsum(dO * O), (B, H, Tq)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dq = torch.empty((B, H, Tq, D), **f32)
+        dk = torch.zeros((B, H, Tk, D), **f32)
+        dv = torch.zeros((B, H, Tk, D), **f32)
+        dpp = torch.empty((B, H, Tq, dp), **f32)
+        dr = torch.zeros((B, H, Tk, dp), **f32)
+        dslope_rows = torch.empty((B, H, Tq), **f32)
+        grid = (triton.cdiv(Tq, block_m), B * H)
+        _bwd_kernel[grid](
+            q, k, v, p, r, slope, do, lse, row_total, delta,
+            dq, dk, dv, dpp, dr, dslope_rows,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(p), *_strides(r), *_strides(do),
+            H, Tq, Tk, D, dp, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_width(D), BLOCK_DP=_block_width(dp),
+            PRECISION=precision, num_warps=8, num_stages=1,   # many live (BLOCK_M, BLOCK_N) tiles
+        )
+        dslope = dslope_rows.sum((0, 2)).to(slope_dtype) if ctx.needs_input_grad[5] else None
+        return (dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), dpp.to(p_dtype), dr.to(r_dtype),
+                dslope, None, None, None)
+
+
+def grape_ap_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor,
+                       sm_scale: float | None = None, block_m: int = 64, block_n: int = 64) -> Tensor:
+    """Plain-tensor entry point; block sizes are powers of two >= 16."""
+    for name, n in (("block_m", block_m), ("block_n", block_n)):
+        if n < MIN_DOT or n & (n - 1):
+            raise ValueError(f"grape_ap_triton: {name}={n} must be a power of two >= {MIN_DOT}")
+    return GrapeAPAttentionFunction.apply(q, k, v, p, r, slope, sm_scale, block_m, block_n)
+
+
+def grape_ap_triton_attention(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
+    """Backend entry point: ``bias`` is a ``grape.PathIntegralBias``; same result as
+    ``attention.dense_attention(q, k, v, bias)``."""
+    from grape import PathIntegralBias
+    if not isinstance(bias, PathIntegralBias):
+        raise TypeError(f"grape_ap_triton: bias must be a PathIntegralBias, got {type(bias).__name__}")
+    if bias.q_pos.shape != (q.shape[2],):
+        raise ValueError(f"grape_ap_triton: bias.q_pos {tuple(bias.q_pos.shape)} does not match "
+                         f"{q.shape[2]} queries")
+    return grape_ap_attention(q, k, v, bias.p, bias.r, bias.slope)
