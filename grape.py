@@ -302,6 +302,77 @@ class GrapeM(RoPE):
         return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)
 
 
+class GrapeMLearnedBasis(GrapeM):
+    """Commuting GRAPE-M in a learned orthogonal basis (§3.1, Algorithm 1):
+    G(n) = E blockdiag(R(nθ_i)) Eᵀ with E = exp(S - Sᵀ) ∈ SO(d) per head.
+
+    S = 0 at init, so the encoding starts as RoPE (GRAPE-M) exactly; the planes then rotate
+    away from the coordinate pairs while staying mutually orthogonal (so they commute and
+    the relative law stays exact)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.basis_raw = nn.Parameter(torch.zeros(self.n_head, self.head_dim, self.head_dim))
+
+    def basis(self) -> Tensor:
+        upper = torch.triu(self.basis_raw, diagonal=1)
+        return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2))      # (H, D, D)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        E = self.basis().to(q.dtype)
+        to_planes = lambda y: torch.einsum("bhtd,hde->bhte", y, E)           # coordinates in E
+        from_planes = lambda y: torch.einsum("bhte,hde->bhtd", y, E)
+        q, k, _ = super().forward(x, to_planes(q), to_planes(k), offset=offset)
+        return from_planes(q), from_planes(k), None
+
+
+class GrapeMNonCommuting(Encoding):
+    """Non-commuting multiplicative GRAPE in thin-Schur form (Appendix D).
+
+    Per head, L = Σ_i θ_i L(a_i, b_i) with m learned rank-2 generators whose planes overlap,
+    so the L(a_i, b_i) do not commute. G(n) = exp(nL) is still a one-parameter subgroup (exact
+    relative law). L lives in the r = 2m dimensional span of the a's and b's: with E (d × r)
+    an orthonormal basis of it, L = E L_r Eᵀ and G(n) x = x + E (exp(n L_r) - I) Eᵀ x, which
+    costs O(r d) per token plus an r × r exponential per position.
+    """
+    multiplicative = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        m, d = config.grape_nc_planes, self.head_dim
+        if not 1 <= 2 * m <= d:
+            raise ValueError(f"grape_nc_planes={m} needs 1 <= 2*grape_nc_planes <= head_dim={d}")
+        self.plane_a = nn.Parameter(torch.randn(self.n_head, m, d) / math.sqrt(d))
+        self.plane_b = nn.Parameter(torch.randn(self.n_head, m, d) / math.sqrt(d))
+        # unit-norm planes make the angle per step ≈ θ_i; start from RoPE's spectrum on 2m dims
+        self.log_freq = nn.Parameter(torch.log(rope_frequencies(2 * m, config.rope_base)).repeat(self.n_head, 1))
+
+    def generator(self) -> Tensor:
+        """The full (H, d, d) generator Σ_i θ_i (a_i b_iᵀ - b_i a_iᵀ) with unit a_i, b_i."""
+        a, b = F.normalize(self.plane_a, dim=-1), F.normalize(self.plane_b, dim=-1)
+        theta = self.log_freq.exp()[..., None, None]
+        return (theta * rank2_generator(a, b)).sum(1)
+
+    def compressed(self):
+        """E (H, d, r) orthonormal and L_r = Eᵀ L E (H, r, r)."""
+        span = torch.cat([self.plane_a, self.plane_b], dim=1).transpose(1, 2)   # (H, d, 2m)
+        E, _ = torch.linalg.qr(span)
+        L = self.generator()
+        return E, E.transpose(1, 2) @ L @ E
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        E, Lr = self.compressed()
+        pos = positions(offset, q.shape[2], q.device).to(Lr.dtype)
+        Gr = torch.linalg.matrix_exp(pos[:, None, None, None] * Lr)              # (T, H, r, r)
+        Gr = Gr - torch.eye(Lr.shape[-1], device=Lr.device, dtype=Lr.dtype)
+
+        def apply(y):
+            u = torch.einsum("bhtd,hdr->bhtr", y, E.to(y.dtype))
+            u = torch.einsum("thrs,bhts->bhtr", Gr.to(y.dtype), u)
+            return y + torch.einsum("bhtr,hdr->bhtd", u, E.to(y.dtype))
+        return apply(q), apply(k), None
+
+
 class GrapeMContextual(Encoding):
     """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/16) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
     plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only."""
@@ -464,6 +535,27 @@ class GrapeAP(Encoding):
         return q, k, bias
 
 
+class Composed(Encoding):
+    """A multiplicative and an additive encoding in one head (Appendix E, Eq. 5.3):
+    l(t, j) = q_tᵀ G(j - t) k_j / √d + b(t, j).
+
+    The additive part sees the un-rotated q, k: its content gates λ(q_t) must not depend on
+    the position through G(t), or the relative law would break."""
+
+    def __init__(self, config, rotary: Encoding, additive: Encoding):
+        super().__init__(config)
+        if not rotary.multiplicative or not additive.additive:
+            raise ValueError("a composed pos_encoding is '<multiplicative>+<additive>', "
+                             "e.g. 'rope+grape_ap' or 'grape_m+alibi'")
+        self.multiplicative = self.additive = True
+        self.rotary, self.bias = rotary, additive
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache)
+        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache)
+        return q, k, bias
+
+
 def _require_even(value: int, name: str, why: str) -> None:
     if value % 2:
         raise ValueError(f"{name}={value} must be even for {why}")
@@ -478,6 +570,8 @@ ENCODINGS = {
     "rope": RoPE,
     "grape_m": GrapeM,
     "grape_m_ctx": GrapeMContextual,
+    "grape_m_basis": GrapeMLearnedBasis,
+    "grape_m_nc": GrapeMNonCommuting,
     "alibi": ALiBi,
     "fox": FoX,
     "grape_a_q": lambda c: GrapeA(c, "q"),
@@ -487,10 +581,16 @@ ENCODINGS = {
 }
 
 
+def check_encoding_name(name: str) -> list[str]:
+    """The parts of a pos_encoding name ('rope', or 'rope+grape_ap' for a composition)."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in ENCODINGS]
+    if unknown or len(parts) > 2:
+        raise ValueError(f"unknown pos_encoding {name!r}; choose one of {sorted(ENCODINGS)} "
+                         "or '<multiplicative>+<additive>'")
+    return parts
+
+
 def build_encoding(config) -> Encoding:
-    try:
-        factory = ENCODINGS[config.pos_encoding]
-    except KeyError:
-        raise ValueError(f"unknown pos_encoding {config.pos_encoding!r}; "
-                         f"choose one of {sorted(ENCODINGS)}") from None
-    return factory(config)
+    parts = [ENCODINGS[p](config) for p in check_encoding_name(config.pos_encoding)]
+    return parts[0] if len(parts) == 1 else Composed(config, *parts)
