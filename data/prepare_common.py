@@ -332,14 +332,15 @@ def prepare(documents, out_dir: str, *, source: str, shard_size: int = 100_000_0
                 checkpoint(doc, pos)
         if budget is not None and budget <= 0:
             break
+    if bar is not None:
+        bar.close()
+    n_train, n_val = state_train0 + train.written + train.fill, state_val0 + val.written + val.fill
+    if n_train == 0 or n_val == 0:  # unusable output: fail before marking it complete
+        raise DataPrepError(f"{source}: {n_train} train and {n_val} val tokens; the input is too small for "
+                            "this split (change val_tokens/val_fraction)")
     train.flush()
     val.flush()
     checkpoint(doc + 1, 0, complete=True)
-    if bar is not None:
-        bar.close()
-    if state["train_tokens"] == 0 or state["val_tokens"] == 0:
-        raise DataPrepError(f"{source}: produced {state['train_tokens']} train and {state['val_tokens']} val "
-                            "tokens; the input is too small for this split (change val_tokens/val_fraction)")
     print(f"{out_dir}: {state['train_tokens']:,} train tokens in {state['train_shards']} shards, "
           f"{state['val_tokens']:,} val tokens in {state['val_shards']} shards")
     return state
