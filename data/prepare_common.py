@@ -130,10 +130,17 @@ def local_documents(local_dir: str, text_field: str = "text"):
             raise DataPrepError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
-def hf_documents(dataset: str, name: str | None, split: str, text_field: str = "text"):
+def hf_documents(dataset: str, name: str | None, split: str, text_field: str = "text", revision: str | None = None):
     """Texts of a Hugging Face dataset, streamed (needs internet, or a warm HF cache)."""
     from datasets import load_dataset
-    ds = load_dataset(dataset, name=name, split=split, streaming=True)
+    try:
+        ds = load_dataset(dataset, name=name, split=split, streaming=True, revision=revision)
+    except RuntimeError as e:
+        if "scripts are no longer supported" not in str(e):
+            raise
+        raise DataPrepError(f"{dataset} still uses a loading script, which datasets>=4 cannot run; pass "
+                            "--revision refs/convert/parquet (the hub's parquet export, which may be partial "
+                            "for big datasets) or download the data and pass --local_dir") from e
     for k, rec in enumerate(ds):
         if text_field not in rec:
             raise DataPrepError(f"{dataset} ({name}, {split}): no field '{text_field}' "
@@ -373,6 +380,7 @@ def add_source_args(p: argparse.ArgumentParser, *, dataset: str, name: str | Non
     p.add_argument("--local_dir", default=None,
                    help="read a local folder (or file) of .txt/.jsonl/.json/.parquet files instead of "
                         "the hub, for clusters without internet")
+    p.add_argument("--revision", default=None, help="dataset revision (branch, tag or commit) on the hub")
     p.add_argument("--text_field", default="text", help="field/column holding the text (default: %(default)s)")
 
 
@@ -385,8 +393,8 @@ def run_from_args(args) -> dict:
     if args.local_dir:
         docs, source = local_documents(args.local_dir, args.text_field), f"local:{os.path.abspath(args.local_dir)}"
     else:
-        docs, source = hf_documents(args.dataset, args.name, args.split, args.text_field), \
-            f"hf:{args.dataset}/{args.name}/{args.split}"
+        docs, source = hf_documents(args.dataset, args.name, args.split, args.text_field, args.revision), \
+            f"hf:{args.dataset}/{args.name}/{args.split}@{args.revision}"
     return prepare(docs, args.out_dir, source=source, shard_size=args.shard_size, val_tokens=val_tokens,
                    val_fraction=val_fraction, max_tokens=args.max_tokens, num_proc=args.num_proc,
                    overwrite=args.overwrite, progress=not args.no_progress)

@@ -172,6 +172,16 @@ def test_bad_local_inputs_fail_clearly(tmp_path):
         prepare_common.prepare(iter(["x"]), str(tmp_path / "o"), source="t", val_tokens=5, val_fraction=0.1)
 
 
+def test_hub_reader_streams_a_dataset_and_names_a_missing_field(tmp_path, monkeypatch):
+    # load_dataset on a local folder takes the same streaming path as a hub dataset, offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a b", "", "c"]))
+    assert list(prepare_common.hf_documents(str(tmp_path), None, "train")) == ["a b", "c"]
+    with pytest.raises(DataPrepError, match="no field 'body'"):
+        list(prepare_common.hf_documents(str(tmp_path), None, "train", text_field="body"))
+
+
 # ----------------------------------------------------------------------------- the scripts
 
 def test_fineweb_alias_script_prepares_a_local_folder(local_dir, tmp_path):

@@ -5,7 +5,8 @@
 Streams Skylion007/openwebtext from the Hugging Face hub (about 9B tokens); offline clusters
 pass --local_dir with the downloaded files. As in nanoGPT, 0.05% of the documents (chosen by
 a hash of their text, so the split is deterministic) form the validation shards.
-Rerunning resumes after the last finished shard.
+Rerunning resumes after the last finished shard. If the hub copy still has its old loading
+script (which datasets>=4 refuses), pass --revision refs/convert/parquet or use --local_dir.
 """
 import argparse
 import os
