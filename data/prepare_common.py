@@ -171,6 +171,7 @@ def tokenize_stream(texts, num_proc: int, val_fraction: float = 0.0, chunk_docs:
     At most 4 * num_proc chunks are in flight, so a fast reader cannot pile the whole
     dataset up in memory (Pool.imap consumes its input eagerly).
     """
+    texts = iter(texts)  # islice on a list would restart at its head every time
     chunks = iter(lambda: list(itertools.islice(texts, chunk_docs)), [])
     if num_proc <= 1:
         for chunk in chunks:
