@@ -1,0 +1,80 @@
+"""eval_length.py: its loss at 1x/2x the training context equals an independent
+cross-entropy computation on the same validation windows, and it writes table and plot."""
+import csv
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import eval_length  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from shards import read_shard, write_shard  # noqa: E402
+
+T = 16
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A training-style out_dir: ckpt.pt with model, model_config and the run's config."""
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    write_shard(str(data / "val_000000.bin"), rng.integers(0, 50257, size=600))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T, pos_encoding="alibi"))
+    out = root / "out-tiny"
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(),
+                "config": {"block_size": T, "data_dir": str(data)}}, out / "ckpt.pt")
+    return out, data
+
+
+def independent_mean_loss(path, data, length, n_windows):
+    """Windows of length+1 tokens read straight from the shard; log-softmax and gather by hand."""
+    tokens = np.asarray(read_shard(str(data / "val_000000.bin")), dtype=np.int64)
+    model = GPT.load(str(path), block_size=length).eval()
+    per_position = np.zeros(length)
+    for i in range(n_windows):
+        w = torch.from_numpy(tokens[i * (length + 1):(i + 1) * (length + 1)])
+        with torch.no_grad():
+            logits, _ = model(w[None, :-1])
+        logp = F.log_softmax(logits[0].double(), dim=-1)
+        per_position += -logp[torch.arange(length), w[1:]].numpy()
+    return per_position / n_windows
+
+
+def test_eval_length_matches_independent_cross_entropy_and_writes_outputs(run_dir, tmp_path, capsys):
+    path, data = run_dir
+    out = tmp_path / "eval"
+    results = eval_length.main([str(path), "--num_windows", "2", "--multipliers", "1,2",
+                                "--batch_size", "3", "--out_dir", str(out)])
+    by_k = {r.multiplier: r for r in results}
+    assert by_k[1].trained == T and by_k[2].length == 2 * T
+    # same tokens for every length: 2 windows of 2T, i.e. 4 windows of T
+    assert (by_k[1].n_windows, by_k[2].n_windows) == (4, 2)
+    for k, r in by_k.items():
+        want = independent_mean_loss(path, data, k * T, r.n_windows)
+        np.testing.assert_allclose(r.position_loss, want, rtol=1e-5, atol=1e-5)
+        assert r.mean_loss == pytest.approx(want.mean(), abs=1e-5)
+
+    printed = capsys.readouterr().out
+    assert "| out-tiny (alibi) | 16 |" in printed
+    rows = list(csv.DictReader(open(out / "eval_length.csv")))
+    assert [int(r["multiplier"]) for r in rows] == [1, 2]
+    assert float(rows[0]["mean_loss"]) == pytest.approx(by_k[1].mean_loss, abs=1e-5)
+    positions = list(csv.DictReader(open(out / "eval_length_positions.csv")))
+    assert len(positions) == T + 2 * T
+    assert (out / "eval_length.md").read_text().startswith("| checkpoint |")
+    assert (out / "eval_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_length_too_short_val_split_is_a_clear_error(run_dir, tmp_path):
+    path, _ = run_dir
+    with pytest.raises(Exception, match="multipliers"):
+        eval_length.main([str(path), "--multipliers", "64", "--out_dir", str(tmp_path)])
