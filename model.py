@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from attention import attend
+from generation import StreamingGenerationMixin, hf_forward, sample
 from grape import ENCODINGS, LayerCache, build_encoding
 
 ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx")
@@ -196,10 +197,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(PreTrainedModel):
+class GPT(PreTrainedModel, StreamingGenerationMixin):
     config_class = GPTConfig
     base_model_prefix = "transformer"
-    main_input_name = "idx"
+    main_input_name = "input_ids"     # what transformers' generate() looks for
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     _no_split_modules = ["Block"]
 
@@ -237,8 +238,21 @@ class GPT(PreTrainedModel):
         pass
 
     # -- forward ----------------------------------------------------------------------
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
-                caches: Optional[list[LayerCache]] = None):
+    def forward(self, idx: Optional[Tensor] = None, targets: Optional[Tensor] = None,
+                caches: Optional[list[LayerCache]] = None, logits_to_keep: int = 0, *,
+                input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
+                return_dict=None, **kwargs):
+        """``model(idx, targets, caches)`` -> ``(logits, loss)``. With ``caches`` (one
+        ``LayerCache`` per layer, see ``new_caches``) the tokens continue the cached sequence.
+        ``logits_to_keep=n`` computes logits for the last n positions only (decoding).
+
+        Called the transformers way (``input_ids=``, ``past_key_values=``, ``use_cache=``,
+        ``attention_mask=``, ``return_dict=``, as ``generate()`` does) it returns a
+        ``CausalLMOutputWithPast`` instead; see ``generation.hf_forward``."""
+        hf_args = (input_ids, attention_mask, past_key_values, use_cache, return_dict)
+        if idx is None or kwargs or any(a is not None for a in hf_args):
+            return hf_forward(self, idx if idx is not None else input_ids, attention_mask, past_key_values,
+                              use_cache, return_dict, logits_to_keep, **kwargs)
         B, T = idx.shape
         start = caches[0].length if caches is not None else 0
         if start + T > self.config.block_size:
@@ -248,6 +262,10 @@ class GPT(PreTrainedModel):
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
             x = block(x, caches[i] if caches is not None else None)
+        if logits_to_keep:
+            if targets is not None:
+                raise ValueError("logits_to_keep and targets cannot be combined (the loss needs every logit)")
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.transformer.ln_f(x)).float()
         loss = None
         if targets is not None:
@@ -281,6 +299,28 @@ class GPT(PreTrainedModel):
 
     def new_caches(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.config.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
+                 temperature: float = 1.0, top_k: Optional[int] = None, **hf_kwargs):
+        """nanoGPT: ``generate(idx, max_new_tokens, temperature=1.0, top_k=None)`` samples
+        ``max_new_tokens`` tokens after the prompts ``idx`` (B, T) (equal lengths), prefilling
+        once and then decoding from the KV cache; ``temperature=0`` is greedy.
+        Raises ValueError when prompt + new tokens would exceed ``block_size``: the cache
+        cannot slide, because several encodings carry absolute or cumulative state.
+
+        Any other argument (``input_ids=``, ``do_sample=``, ``num_beams=``, ``attention_mask=``,
+        ``generation_config=``...) calls transformers' ``GenerationMixin.generate`` instead
+        (greedy, sampling and beam search; not assisted decoding)."""
+        if hf_kwargs or idx is None or max_new_tokens is None:
+            if max_new_tokens is not None:
+                hf_kwargs["max_new_tokens"] = max_new_tokens
+            if temperature != 1.0:
+                hf_kwargs["temperature"] = temperature
+            if top_k is not None:
+                hf_kwargs["top_k"] = top_k
+            return StreamingGenerationMixin.generate(self, idx, **hf_kwargs)
+        return sample(self, idx, max_new_tokens, temperature, top_k)
 
     # -- training helpers ------------------------------------------------------------
     def num_parameters_unique(self, exclude_embeddings: bool = False) -> int:
