@@ -1,16 +1,19 @@
 """Sample text from a trained model, nanoGPT-style.
 
-    python sample.py                                   # the checkpoint in --out_dir (default: out)
+    python sample.py                                   # the newest out*/ckpt.pt (what pretrain.sh left)
+    python sample.py --out_dir=out-cpu-grape-ap
     python sample.py --ckpt=out/ckpt.pt --start="The meaning of life" --num_samples=3
     python sample.py --ckpt=path/to/save_pretrained_folder --start=FILE:prompt.txt
 
 ``--ckpt`` is a training checkpoint (``ckpt.pt``) or a ``save_pretrained`` folder; without it
-the newest of ``{out_dir}/ckpt.pt`` and ``{out_dir}`` (as a folder) is used. Decoding prefills
+``{out_dir}/ckpt.pt`` (or ``{out_dir}`` as a ``save_pretrained`` folder) is used, and without
+``--out_dir`` the most recently written ``out*/ckpt.pt`` under the current folder. Decoding prefills
 the prompt once and continues from the KV cache (``GPT.generate``); text is GPT-2 BPE.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 
@@ -22,7 +25,8 @@ from tokenizer import EOT, gpt2_encoding
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out_dir", default="out", help="training output folder holding ckpt.pt")
+    p.add_argument("--out_dir", default=None, help="training output folder holding ckpt.pt "
+                   "(default: the newest out*/ with a checkpoint)")
     p.add_argument("--ckpt", default=None, help="ckpt.pt file or save_pretrained folder (overrides --out_dir)")
     p.add_argument("--start", default="\n", help='prompt text, or "FILE:path" to read it from a file')
     p.add_argument("--num_samples", type=int, default=3)
@@ -39,6 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def find_checkpoint(args) -> str:
     if args.ckpt is not None:
         return args.ckpt
+    if args.out_dir is None:
+        found = glob.glob("out*/ckpt.pt") + [os.path.dirname(p) for p in glob.glob("out*/config.json")]
+        if not found:
+            raise FileNotFoundError("no checkpoint in out*/ here; train one (bash pretrain.sh) or pass "
+                                    "--out_dir=<folder> or --ckpt=<ckpt.pt or save_pretrained folder>")
+        newest = max(found, key=os.path.getmtime)
+        print(f"(sampling from {newest})", file=sys.stderr)
+        return newest
     for candidate in (os.path.join(args.out_dir, "ckpt.pt"), args.out_dir):
         if os.path.exists(candidate):
             return candidate

@@ -260,7 +260,7 @@ def test_transformers_generate_rejects_what_it_cannot_do_exactly():
 # sample.py
 # ----------------------------------------------------------------------------------------
 
-def test_sample_script_prints_text_from_both_checkpoint_formats(tmp_path, capsys):
+def test_sample_script_prints_text_from_both_checkpoint_formats(tmp_path, capsys, monkeypatch):
     import sample
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, pos_encoding="grape_ap")
@@ -278,3 +278,12 @@ def test_sample_script_prints_text_from_both_checkpoint_formats(tmp_path, capsys
     assert outputs["ckpt"][0] in printed
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--out_dir", str(tmp_path / "missing")])
+    # no arguments: the newest out*/ checkpoint in the working folder, as pretrain.sh leaves it
+    (tmp_path / "run" / "out-older").mkdir(parents=True)
+    (tmp_path / "run" / "out-newer").mkdir()
+    other = GPT(cfg)                                    # different weights, older file
+    torch.save({"model": other.state_dict(), "model_config": cfg.to_dict()}, tmp_path / "run" / "out-older" / "ckpt.pt")
+    os.utime(tmp_path / "run" / "out-older" / "ckpt.pt", (1, 1))
+    os.replace(tmp_path / "ckpt.pt", tmp_path / "run" / "out-newer" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path / "run")
+    assert sample.main(["--start=Hello world", "--num_samples=2", "--max_new_tokens=8", "--seed=1"]) == outputs["ckpt"]
