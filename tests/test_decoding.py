@@ -37,6 +37,18 @@ VARIANTS = [(name, {}) for name in sorted(ENCODINGS)] + [
 SHIFTS = {"noshift": {}, "kvshift": {"use_k_shift": True, "use_v_shift": True}}
 
 
+def _composition_supported():
+    try:
+        GPTConfig(n_head=2, n_embd=16, pos_encoding="rope+fox")
+        return True
+    except ValueError:
+        return False
+
+
+if _composition_supported():        # multiplicative + additive in one head (SPEC §6)
+    VARIANTS += [("grape_m_ctx+fox", {}), ("rope+grape_ap", {}), ("grape_m+grape_a_qk", {})]
+
+
 def variant_id(v):
     name, kw = v
     return "-".join([name] + [f"{k}={x}" for k, x in kw.items()])
