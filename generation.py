@@ -111,7 +111,7 @@ def hf_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None
                past_key_values: Optional[StreamingCache] = None, use_cache: Optional[bool] = None,
                return_dict: Optional[bool] = None, logits_to_keep: int = 0, **unused):
     """``model(input_ids=..., past_key_values=..., use_cache=...)`` -> ``CausalLMOutputWithPast``."""
-    asked = [k for k, v in unused.items() if v not in (None, False)]
+    asked = [k for k, v in unused.items() if v is not None and v is not False]
     if asked:
         raise ValueError(f"unsupported arguments for this model: {asked}")
     if input_ids is None:
