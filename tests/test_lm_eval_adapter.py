@@ -72,21 +72,20 @@ def reference_loglikelihood(model, context: str, continuation: str) -> float:
     return sum(float(logprobs[len(ctx) - 1 + i, tok]) for i, tok in enumerate(cont))
 
 
-def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, tmp_path, monkeypatch):
-    folder, model = tiny_checkpoint
-    data = tmp_path / "tiny.jsonl"
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory):
+    """Task folder for --include_path: the YAML and its jsonl data, nothing downloaded."""
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "tiny.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "grape_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
-    out = tmp_path / "results"
-    monkeypatch.setattr(sys, "argv", [
-        "lm_eval_grape.py", "--model", "grape", "--model_args", f"pretrained={folder}",
-        "--tasks", "grape_tiny_mc", "--include_path", str(tasks), "--batch_size", "3",
-        "--device", "cpu", "--output_path", str(out), "--log_samples",
-    ])
-    # The CLI indexes all of lm_eval's ~14k built-in task YAMLs (~20 s); this test only needs
-    # its own task, so the CLI's TaskManager is told to skip the built-ins.
+    (folder / "grape_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+    return str(folder)
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """lm_eval's CLI indexes all of its ~14k built-in task YAMLs (~20 s); these tests only
+    need their own task, so lm_eval's TaskManager is told to skip the built-ins."""
     import lm_eval.tasks
 
     class LocalTasksOnly(lm_eval.tasks.TaskManager):
@@ -94,6 +93,18 @@ def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, tmp_pa
             super().__init__(*args, **{**kwargs, "include_defaults": False})
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
+
+
+def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, local_task, local_tasks_only,
+                                                          tmp_path, monkeypatch):
+    folder, model = tiny_checkpoint
+    tasks = local_task
+    out = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", [
+        "lm_eval_grape.py", "--model", "grape", "--model_args", f"pretrained={folder}",
+        "--tasks", "grape_tiny_mc", "--include_path", tasks, "--batch_size", "3",
+        "--device", "cpu", "--output_path", str(out), "--log_samples",
+    ])
     runpy.run_path(os.path.join(HARNESS, "lm_eval_grape.py"), run_name="__main__")
 
     samples = [json.loads(line) for path in glob.glob(str(out / "**" / "samples_grape_tiny_mc_*.jsonl"),
@@ -169,3 +180,28 @@ def test_generate_until_returns_text_cut_at_stop_sequence(tiny_checkpoint):
     cut = lm.generate_until([make_instance("generate_until", (prompts[0], {"until": [stop], "max_gen_toks": 6}))])[0]
     assert cut == full.split(stop)[0]
     assert stop not in cut
+
+
+def test_paper_eval_table_reports_lm_eval_accuracy_and_average(tiny_checkpoint, local_task, local_tasks_only,
+                                                               tmp_path):
+    import run_paper_eval
+    folder, model = tiny_checkpoint
+    text = run_paper_eval.main([folder, "--labels", "a", "--tasks", "grape_tiny_mc,grape_tiny_mc",
+                                "--include_path", local_task, "--batch_size", "4", "--device", "cpu",
+                                "--output_dir", str(tmp_path)])
+    # independent accuracy: argmax of the model's own continuation log-probs
+    correct = [max(range(len(d["choices"])), key=lambda i: reference_loglikelihood(
+        model, d["question"], " " + d["choices"][i])) == d["label"] for d in DOCS]
+    acc = 100.0 * sum(correct) / len(DOCS)
+    lines = text.splitlines()
+    assert lines[0] == "| Method | grape_tiny_mc | grape_tiny_mc | Avg. |"
+    assert lines[2] == f"| a | {acc:.2f} | {acc:.2f} | {acc:.2f} |"
+    assert (tmp_path / "table.md").read_text().strip() == text
+
+
+def test_paper_table_average_is_the_mean_of_the_seven_tasks():
+    import run_paper_eval
+    columns = [c for c, _, _ in run_paper_eval.PAPER_TASKS]
+    assert columns == ["ARC-E", "ARC-C", "HellaSwag", "OBQA", "PIQA", "WinoGrande", "SciQ"]
+    rope = [56.36, 30.38, 44.65, 35.20, 68.77, 52.33, 74.40]   # the paper's Table 1, RoPE row
+    assert run_paper_eval.table([("RoPE", rope)], columns).splitlines()[2].endswith("| 51.73 |")
