@@ -8,7 +8,13 @@ decoding with a cache).
 - ``dense``: the reference. Builds the full (B, H, Tq, Tk) logits, bias and mask. Tests
   compare every other path against it; it is also the cheapest path for tiny shapes.
 - ``sdpa``: ``F.scaled_dot_product_attention`` (FlashAttention on GPU) when there is no bias.
-Other backends register themselves in ``BACKENDS``.
+- ``chunked`` (attention_chunked.py): plain PyTorch, linear memory, any device; the CPU
+  training path for every additive bias.
+- ``flex`` (attention_flex.py): ``flex_attention`` with a ``score_mod`` for SeparableBias (GPU).
+- ``triton`` (grape_ap_triton.py): the GRAPE-AP kernel (GPU, or ``TRITON_INTERPRET=1``).
+Backends that cannot serve a case (flex with a path-integral bias, decoding with Tq < Tk in
+the compiled kernels) hand it to the chunked path, which serves everything.
+``auto`` picks with ``choose_backend``; it never picks a T² path for long sequences.
 """
 from __future__ import annotations
 
@@ -51,17 +57,57 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device))
 
 
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
+    from attention_chunked import chunked_attention as run
+    return run(q, k, v, bias)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
+    from attention_flex import flex_attention as run
+    return run(q, k, v, bias)
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
+    """GRAPE-AP kernel for training shapes; everything else goes where it runs best."""
+    from grape import PathIntegralBias
+    if not isinstance(bias, PathIntegralBias) or q.shape[2] != k.shape[2]:
+        return chunked_attention(q, k, v, bias)
+    from grape_ap_triton import grape_ap_triton_attention    # imported lazily: needs triton
+    return grape_ap_triton_attention(q, k, v, bias)
+
+
 BACKENDS: dict[str, Callable] = {
     "dense": dense_attention,
     "sdpa": sdpa_attention,
+    "chunked": chunked_attention,
+    "flex": flex_attention,
+    "triton": triton_attention,
 }
 
+# On CPU the dense path is only worth it while the (B, H, Tq, Tk) tensors are tiny.
+CPU_DENSE_MAX_KEYS = 256
 
-def choose_backend(q: Tensor, bias) -> str:
-    """The fastest correct backend available for this device and bias."""
+
+def choose_backend(q: Tensor, bias, device_type: Optional[str] = None) -> str:
+    """The fastest correct backend for this device and bias (``device_type`` overrides
+    ``q.device.type``, e.g. to ask what would run on CUDA)."""
     if bias is None:
         return "sdpa"
-    return "dense"
+    device_type = device_type or q.device.type
+    n_queries, n_keys = q.shape[2], bias.n_keys
+    from grape import PathIntegralBias
+    if device_type == "cuda" and n_queries == n_keys:
+        if isinstance(bias, PathIntegralBias):
+            return "triton" if _have_module("triton") else "chunked"
+        return "flex"
+    if device_type == "cpu" and n_keys < CPU_DENSE_MAX_KEYS:
+        return "dense"
+    return "chunked"        # decoding, long CPU sequences, other devices: linear memory
+
+
+def _have_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias=None, backend: str = "auto") -> Tensor:

@@ -1,0 +1,264 @@
+"""Attention backends against the dense reference: values, gradients, decoding, choice.
+
+Every comparison is with ``dense_attention``, which builds the full (B, H, Tq, Tk) bias
+from the bias description's own ``dense()`` (an independent, O(T²) evaluation).
+"""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attention
+import attention_chunked
+from attention import attend, choose_backend, dense_attention
+from attention_chunked import chunked_attention
+from grape import ENCODINGS, LayerCache, PathIntegralBias, SeparableBias, positions
+
+ADDITIVE = ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
+
+
+def enc_config(**kw):
+    base = dict(n_head=3, head_dim=8, n_embd=24, rope_base=10000.0, p_head_dim=4, p_tie_mode="none",
+                grape_log_freq_scale=16.0, grape_m_per_head=False, grape_ctx_per_head=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def make_encoding(name, seed=0, **config):
+    """An encoding with random (not init-value) parameters, so every gate matters."""
+    torch.manual_seed(seed)
+    enc = ENCODINGS[name](enc_config(**config))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return enc
+
+
+def inputs(B, H, T, D, C, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g, requires_grad=True)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).requires_grad_() for _ in range(3))
+    return x, q, k, v
+
+
+def values_and_grads(backend, enc, x, q, k, v, split=None, block=None):
+    """Run encoding + attention (optionally as prefix then continuation through a cache)
+    and return the output and the gradients of a fixed random projection of it."""
+    leaves = [x, q, k, v, *enc.parameters()]
+    for t in leaves:
+        t.grad = None
+    fn = attention.BACKENDS[backend] if block is None else (lambda *a: chunked_attention(*a, block=block))
+    if split is None:
+        qe, ke, bias = enc(x, q, k, v)
+        out = fn(qe, ke, v, bias)
+    else:
+        cache = LayerCache()
+        _, k0, _ = enc(x[:, :split], q[:, :, :split], k[:, :, :split], v[:, :, :split], cache=cache)
+        cache.length = split
+        qe, k1, bias = enc(x[:, split:], q[:, :, split:], k[:, :, split:], v[:, :, split:],
+                           offset=split, cache=cache)
+        out = fn(qe, torch.cat([k0, k1], 2), v, bias)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+    (out * weight).sum().backward()
+    return out.detach(), {i: t.grad.clone() for i, t in enumerate(leaves) if t.grad is not None}
+
+
+def assert_close_grads(ref, got, rtol=1e-4):
+    assert ref.keys() == got.keys()
+    for i in ref:
+        scale = ref[i].abs().max().clamp_min(1e-6)
+        err = (ref[i] - got[i]).abs().max() / scale
+        assert err < rtol, f"gradient {i}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_chunked_matches_dense_values_and_gradients(name):
+    enc = make_encoding(name)
+    x, q, k, v = inputs(B=2, H=3, T=75, D=8, C=24)     # 75: not a multiple of the block
+    ref_out, ref_grads = values_and_grads("dense", enc, x, q, k, v)
+    out, grads = values_and_grads("chunked", enc, x, q, k, v, block=16)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert_close_grads(ref_grads, grads)
+    n_params = len(list(enc.parameters()))
+    needed = {1, 2, 3, *range(4, 4 + n_params)}          # q, k, v and every encoding parameter
+    assert needed <= grads.keys(), f"no gradient for leaves {needed - grads.keys()}"
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+@pytest.mark.parametrize("split", [74, 60])          # Tq = 1 (one-token decoding) and Tq = 15
+def test_chunked_decoding_with_cache_matches_dense(name, split):
+    enc = make_encoding(name)
+    x, q, k, v = inputs(B=2, H=3, T=75, D=8, C=24)
+    ref_out, ref_grads = values_and_grads("dense", enc, x, q, k, v, split=split)
+    out, grads = values_and_grads("chunked", enc, x, q, k, v, split=split, block=8)
+    assert out.shape[2] == 75 - split
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert_close_grads(ref_grads, grads)
+
+
+def test_gradients_reach_every_bias_tensor():
+    """Bias dataclasses built by hand, every field a leaf (GRAPE-AP's slope included)."""
+    torch.manual_seed(0)
+    B, H, Tq, Tk, D = 2, 2, 40, 50, 8
+    q = torch.randn(B, H, Tq, D, requires_grad=True)
+    k, v = (torch.randn(B, H, Tk, D, requires_grad=True) for _ in range(2))
+    q_pos = positions(Tk - Tq + 3, Tq, "cpu")
+    sq, sk = torch.rand(B, H, Tq, requires_grad=True), torch.rand(B, H, Tk, requires_grad=True)
+    cum = (-torch.rand(B, H, Tk)).cumsum(-1).requires_grad_()
+    p, r = torch.randn(B, H, Tq, 6, requires_grad=True), torch.randn(B, H, Tk, 6, requires_grad=True)
+    slope = torch.rand(H, requires_grad=True)
+    cases = [
+        (lambda: SeparableBias(q_pos, Tk, slope_q=sq, slope_k=sk, cum_q=cum[..., Tk - Tq:], cum_k=cum),
+         [q, k, v, sq, sk, cum]),
+        (lambda: PathIntegralBias(q_pos, p, r, slope), [q, k, v, p, r, slope]),
+    ]
+    for make_bias, leaves in cases:
+        results = []
+        for run in (dense_attention, lambda *a: chunked_attention(*a, block=16)):
+            for t in leaves:
+                t.grad = None
+            out = run(q, k, v, make_bias())
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append((out.detach(), [t.grad.clone() for t in leaves]))
+        (ref, ref_g), (got, got_g) = results
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+        for a, b in zip(ref_g, got_g):
+            assert b.abs().max() > 0
+            torch.testing.assert_close(b, a, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", ["grape_a_qk", "fox", "grape_ap"])
+def test_chunked_never_builds_the_full_attention_matrix(name):
+    B, H, T, D = 1, 3, 512, 8
+    enc = make_encoding(name)
+    x, q, k, v = inputs(B, H, T, D, C=24)
+    qe, ke, bias = enc(x, q, k, v)
+    with MaxNumel() as mode:
+        out = chunked_attention(qe, ke, v, bias, block=64)
+        out.sum().backward()
+    assert mode.largest <= B * H * T * T // 4, f"an op produced {mode.largest} elements"
+
+
+def test_auto_never_picks_dense_for_long_sequences():
+    H = 2
+    for T in (1024, 4096):
+        q = torch.zeros(1, H, T, 8)
+        biases = [SeparableBias(positions(0, T, "cpu"), T, slope_q=torch.ones(1, H, 1)),
+                  PathIntegralBias(positions(0, T, "cpu"), torch.zeros(1, H, T, 4), torch.zeros(1, H, T, 4),
+                                   torch.ones(H))]
+        for bias in biases:
+            for device in ("cpu", "cuda", "mps"):
+                assert choose_backend(q, bias, device) not in ("dense",), (T, device, type(bias))
+            assert choose_backend(q, bias, "cpu") == "chunked"
+        assert choose_backend(q, biases[0], "cuda") == "flex"
+        assert choose_backend(q, biases[1], "cuda") in ("triton", "chunked")
+        assert choose_backend(q, None, "cpu") == "sdpa"
+        # decoding one token against T cached keys: the compiled kernels are for training shapes
+        q1 = torch.zeros(1, H, 1, 8)
+        bias1 = SeparableBias(positions(T - 1, 1, "cpu"), T, slope_q=torch.ones(1, H, 1))
+        assert choose_backend(q1, bias1, "cuda") == "chunked"
+        assert choose_backend(q1, bias1, "cpu") == "chunked"
+    tiny = SeparableBias(positions(0, 16, "cpu"), 16, slope_q=torch.ones(1, H, 1))
+    assert choose_backend(torch.zeros(1, H, 16, 8), tiny, "cpu") == "dense"
+
+
+def test_auto_matches_dense_at_long_length():
+    enc = make_encoding("grape_ap")
+    x, q, k, v = inputs(B=1, H=3, T=1024, D=8, C=24)
+    with torch.no_grad():
+        qe, ke, bias = enc(x, q, k, v)
+        torch.testing.assert_close(attend(qe, ke, v, bias, "auto"), dense_attention(qe, ke, v, bias),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_backends_fall_back_for_what_they_do_not_serve():
+    """flex and triton hand decoding (Tq < Tk) and foreign biases to the chunked path."""
+    enc = make_encoding("grape_ap")
+    x, q, k, v = inputs(B=1, H=3, T=20, D=8, C=24)
+    with torch.no_grad():
+        cache = LayerCache()
+        _, k0, _ = enc(x[:, :19], q[:, :, :19], k[:, :, :19], cache=cache)
+        cache.length = 19
+        q1, k1, bias = enc(x[:, 19:], q[:, :, 19:], k[:, :, 19:], offset=19, cache=cache)
+        kk = torch.cat([k0, k1], 2)
+        ref = dense_attention(q1, kk, v, bias)
+        for backend in ("flex", "triton", "chunked", "auto"):
+            torch.testing.assert_close(attend(q1, kk, v, bias, backend), ref, atol=1e-6, rtol=1e-5)
+        qe, ke, bias = enc(x, q, k, v)
+        torch.testing.assert_close(attend(qe, ke, v, bias, "flex"), dense_attention(qe, ke, v, bias),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_backend_and_bias_fail_clearly():
+    q = torch.zeros(1, 1, 4, 8)
+    bias = SeparableBias(positions(0, 4, "cpu"), 4, slope_q=torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="unknown attn_backend"):
+        attend(q, q, q, bias, "fast")
+    with pytest.raises(TypeError, match="does not know the bias type"):
+        chunked_attention(q, q, q, bias=object())
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_gpt_chunked_matches_dense_logits_and_gradients(name, monkeypatch):
+    from model import GPT, GPTConfig
+    monkeypatch.setattr(attention_chunked, "BLOCK_ELEMENTS", 1)   # smallest blocks: several per sequence
+    torch.manual_seed(0)
+    settings = dict(vocab_size=64, block_size=96, n_layer=2, n_head=2, n_embd=32, pos_encoding=name)
+    models = {b: GPT(GPTConfig(attn_backend=b, **settings)) for b in ("dense", "chunked")}
+    models["chunked"].load_state_dict(models["dense"].state_dict())
+    idx = torch.randint(0, 64, (2, 90))
+    out = {}
+    for backend, model in models.items():
+        logits, loss = model(idx, targets=idx.roll(-1, 1))
+        loss.backward()
+        out[backend] = logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (ref_logits, ref_grads), (logits, grads) = out["dense"], out["chunked"]
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert ref_grads.keys() == grads.keys()
+    for n in ref_grads:
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=n)
+
+
+def test_flex_forward_matches_dense_on_cpu():
+    """torch 2.13 runs the compiled flex_attention forward on CPU (no backward there)."""
+    import attention_flex
+    torch.manual_seed(0)
+    B, H, T, D = 1, 2, 128, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    cum = (-torch.rand(B, H, T)).cumsum(-1)
+    bias = SeparableBias(positions(0, T, "cpu"), T, slope_q=torch.rand(B, H, T), slope_k=torch.rand(B, H, T),
+                         cum_q=cum, cum_k=cum)
+    try:
+        with torch.no_grad():
+            out = attention_flex.flex_attention(q, k, v, bias)
+    except Exception as e:     # no C++ compiler / inductor CPU backend unavailable
+        pytest.skip(f"compiled flex_attention does not run on this CPU: {type(e).__name__}: {e}")
+    torch.testing.assert_close(out, dense_attention(q, k, v, bias), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention backward needs CUDA")
+@pytest.mark.parametrize("name", ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk"])
+def test_flex_matches_dense_forward_and_backward_on_cuda(name):
+    enc = make_encoding(name, head_dim=16, n_embd=48).cuda()
+    x, q, k, v = (t.detach().cuda().requires_grad_() for t in inputs(B=2, H=3, T=256, D=16, C=48))
+    ref_out, ref_grads = values_and_grads("dense", enc, x, q, k, v)
+    out, grads = values_and_grads("flex", enc, x, q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-3)
+    assert_close_grads(ref_grads, grads, rtol=1e-3)
