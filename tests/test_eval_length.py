@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval_length  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from shards import read_shard, write_shard  # noqa: E402
+from shards import ShardError, read_shard, write_shard  # noqa: E402
 
 T = 16
 
@@ -76,5 +76,5 @@ def test_eval_length_matches_independent_cross_entropy_and_writes_outputs(run_di
 
 def test_eval_length_too_short_val_split_is_a_clear_error(run_dir, tmp_path):
     path, _ = run_dir
-    with pytest.raises(Exception, match="multipliers"):
+    with pytest.raises(ShardError, match="multipliers"):
         eval_length.main([str(path), "--multipliers", "64", "--out_dir", str(tmp_path)])
