@@ -46,6 +46,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _interpreter_ready() -> bool:
+    """True when Triton's own jit helpers (tl.zeros, tl.sum...) were built for the interpreter,
+    i.e. TRITON_INTERPRET=1 was set before the process first imported triton."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.zeros, InterpretedFunction) and isinstance(_logsigmoid, InterpretedFunction)
+
+
 @triton.jit
 def _logsigmoid(z):
     # log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)), stable for both signs
@@ -218,6 +225,22 @@ def _block_width(n: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(n))
 
 
+def _launch_config(backward: bool, head_dim: int, block_m, block_n):
+    """(BLOCK_M, BLOCK_N, num_warps). Explicit block sizes (tests) apply to both passes.
+
+    Defaults picked for sm_90 from ptxas resource usage of an ahead-of-time compile (no GPU
+    run yet): forward 128x64 / 8 warps (64x64 for head_dim > 64) spills nothing; the backward
+    keeps ~10 live tiles plus two row scans, so 32x32 / 8 warps keeps spills to a few dozen bytes.
+    """
+    if backward:
+        default = (32, 32, 8)
+    else:
+        default = (128, 64, 8) if head_dim <= 64 else (64, 64, 8)
+    if block_m is None and block_n is None:
+        return default
+    return (block_m or default[0], block_n or default[1], default[2])
+
+
 def _strides(x: Tensor):
     return tuple(x.stride())
 
@@ -256,9 +279,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor)
     devices = {x.device for x in (q, k, v, p, r, slope)}
     if len(devices) != 1:
         raise ValueError(f"grape_ap_triton: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("grape_ap_triton: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 "
-                           "before this module is imported); use the dense or chunked backend instead")
+    if q.device.type == "cpu" and not _interpreter_ready():
+        raise RuntimeError("grape_ap_triton: CPU tensors need Triton's interpreter, and triton was imported "
+                           "before TRITON_INTERPRET=1 was set (e.g. by torch's flex_attention); set it in "
+                           "the environment first, or use the dense or chunked backend on CPU")
 
 
 class GrapeAPAttentionFunction(torch.autograd.Function):
@@ -270,7 +294,7 @@ class GrapeAPAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, p, r, slope, sm_scale=None, block_m=64, block_n=64):
+    def forward(ctx, q, k, v, p, r, slope, sm_scale=None, block_m=None, block_n=None):
         _check(q, k, v, p, r, slope)
         B, H, Tq, D = q.shape
         Tk, dp = k.shape[2], p.shape[-1]
@@ -283,13 +307,14 @@ class GrapeAPAttentionFunction(torch.autograd.Function):
         lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
         row_total = torch.empty_like(lse)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"   # fp32 inputs: exact products
-        grid = (triton.cdiv(Tq, block_m), B * H)
+        bm, bn, warps = _launch_config(False, D, block_m, block_n)
+        grid = (triton.cdiv(Tq, bm), B * H)
         _fwd_kernel[grid](
             q, k, v, p32, r32, slope32, o, lse, row_total,
             *_strides(q), *_strides(k), *_strides(v), *_strides(p32), *_strides(r32), *_strides(o),
             H, Tq, Tk, D, dp, sm_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_width(D), BLOCK_DP=_block_width(dp),
-            PRECISION=precision, num_warps=4, num_stages=2,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_width(D), BLOCK_DP=_block_width(dp),
+            PRECISION=precision, num_warps=warps, num_stages=2,
         )
         ctx.save_for_backward(q, k, v, p32, r32, slope32, o, lse, row_total)
         ctx.args = (sm_scale, block_m, block_n, precision, out_dtype, p.dtype, r.dtype, slope.dtype)
@@ -310,14 +335,15 @@ class GrapeAPAttentionFunction(torch.autograd.Function):
         dpp = torch.empty((B, H, Tq, dp), **f32)
         dr = torch.zeros((B, H, Tk, dp), **f32)
         dslope_rows = torch.empty((B, H, Tq), **f32)
-        grid = (triton.cdiv(Tq, block_m), B * H)
+        bm, bn, warps = _launch_config(True, D, block_m, block_n)
+        grid = (triton.cdiv(Tq, bm), B * H)
         _bwd_kernel[grid](
             q, k, v, p, r, slope, do, lse, row_total, delta,
             dq, dk, dv, dpp, dr, dslope_rows,
             *_strides(q), *_strides(k), *_strides(v), *_strides(p), *_strides(r), *_strides(do),
             H, Tq, Tk, D, dp, sm_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_width(D), BLOCK_DP=_block_width(dp),
-            PRECISION=precision, num_warps=8, num_stages=1,   # many live (BLOCK_M, BLOCK_N) tiles
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_width(D), BLOCK_DP=_block_width(dp),
+            PRECISION=precision, num_warps=warps, num_stages=1,
         )
         dslope = dslope_rows.sum((0, 2)).to(slope_dtype) if ctx.needs_input_grad[5] else None
         return (dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), dpp.to(p_dtype), dr.to(r_dtype),
@@ -325,9 +351,12 @@ class GrapeAPAttentionFunction(torch.autograd.Function):
 
 
 def grape_ap_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor,
-                       sm_scale: float | None = None, block_m: int = 64, block_n: int = 64) -> Tensor:
-    """Plain-tensor entry point; block sizes are powers of two >= 16."""
+                       sm_scale: float | None = None, block_m: int | None = None,
+                       block_n: int | None = None) -> Tensor:
+    """Plain-tensor entry point; block sizes (None: tuned defaults) are powers of two >= 16."""
     for name, n in (("block_m", block_m), ("block_n", block_n)):
+        if n is None:
+            continue
         if n < MIN_DOT or n & (n - 1):
             raise ValueError(f"grape_ap_triton: {name}={n} must be a power of two >= {MIN_DOT}")
     return GrapeAPAttentionFunction.apply(q, k, v, p, r, slope, sm_scale, block_m, block_n)
@@ -343,3 +372,52 @@ def grape_ap_triton_attention(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
         raise ValueError(f"grape_ap_triton: bias.q_pos {tuple(bias.q_pos.shape)} does not match "
                          f"{q.shape[2]} queries")
     return grape_ap_attention(q, k, v, bias.p, bias.r, bias.slope)
+
+
+def compile_for_gpu(arch: int = 90, head_dim: int = 64, dtype: str = "bf16") -> dict:
+    """Ahead-of-time compile both kernels with their default launch configs for CUDA sm_<arch>
+    (down to a cubin, through ptxas), without a GPU. Returns {kernel: (registers, spill bytes)}
+    when cuobjdump is available. Needs TRITON_INTERPRET=0 when triton is first imported:
+    ``TRITON_INTERPRET=0 python grape_ap_triton.py``.
+    """
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    if _interpreting():
+        raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET=0 before triton is imported")
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    io = dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype)
+    report = {}
+    for kernel, backward in ((_fwd_kernel, False), (_bwd_kernel, True)):
+        bm, bn, warps = _launch_config(backward, head_dim, None, None)
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_width(head_dim), BLOCK_DP=MIN_DOT,
+                     PRECISION=precision)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in const:
+                signature[name] = "constexpr"
+            elif name == "sm_scale":
+                signature[name] = "fp32"
+            elif name in ("H", "D", "DP") or not name.isupper():     # sizes and strides
+                signature[name] = "i32"
+            else:
+                signature[name] = "*" + io.get(name, "fp32")
+        compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, const),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=warps, num_stages=1 if backward else 2))
+        usage = ""
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(tool):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([tool, "--dump-resource-usage", f.name],
+                                       capture_output=True, text=True).stdout
+        fields = dict(kv.split(":") for kv in usage.split() if kv.startswith(("REG:", "STACK:")))
+        report[kernel.__name__] = (int(fields.get("REG", -1)), int(fields.get("STACK", -1)))
+    return report
+
+
+if __name__ == "__main__":
+    for hd in (64, 128):
+        print(f"sm_90 bf16 head_dim={hd}: (registers, spill bytes) =", compile_for_gpu(90, hd))
