@@ -16,7 +16,16 @@ no separable score_mod can express; the kernels below evaluate it block by block
   gradient dpsi(t, l) = sum_{j < l} dS_{tj} is an exclusive prefix sum of dS carried along
   the same walk. dq and dp stay in registers; the key-side gradients (dk, dv, dr) are
   summed over query blocks with float32 atomics (a key-block-outer pass would need the
-  per-row bias carry at every key block, i.e. O(T^2 / BLOCK_N) memory).
+  per-row bias carry at every key block, i.e. O(T^2 / BLOCK_N) memory). Rebuilding b from
+  R_t instead of the forward's suffix sums costs about one float32 ulp of |R_t| per logit
+  (|R_t| grows ~linearly in t, e.g. ~1e-4 absolute at |R_t| ~ 2000): negligible next to
+  bfloat16, and the price of getting dpsi as a true prefix sum (a suffix-sum backward
+  would add the rounding error of Delta to dpsi at every key, near and far).
+- slope gets its gradient too (sum over t, l of dpsi * logsigmoid(z)), from per-row partial
+  sums; the model keeps m_h as a buffer, so it is only summed when slope requires grad.
+
+Status: checked against the dense reference in Triton's interpreter (CPU) and compiled
+ahead of time for sm_90 down to a cubin (``compile_for_gpu``); not yet run on a GPU.
 
 The rotation and RMS-norm that make r from p stay outside, in autograd (grape.GrapeAP).
 Without a GPU, Triton runs only through its interpreter: importing this module on a machine
@@ -256,7 +265,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor)
         raise TypeError(f"grape_ap_triton: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, x in (("p", p), ("r", r), ("slope", slope)):
         if not x.is_floating_point() or x.dtype == torch.float64:
-            raise TypeError(f"grape_ap_triton: {name} must be float32/16 (it is computed in float32), got {x.dtype}")
+            raise TypeError(f"grape_ap_triton: {name} must be float16, bfloat16 or float32 "
+                            f"(the kernel computes it in float32), got {x.dtype}")
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if k.shape != (B, H, Tk, D) or v.shape != (B, H, Tk, D):
@@ -280,9 +290,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor)
     if len(devices) != 1:
         raise ValueError(f"grape_ap_triton: all inputs must be on one device, got {sorted(map(str, devices))}")
     if q.device.type == "cpu" and not _interpreter_ready():
-        raise RuntimeError("grape_ap_triton: CPU tensors need Triton's interpreter, and triton was imported "
-                           "before TRITON_INTERPRET=1 was set (e.g. by torch's flex_attention); set it in "
-                           "the environment first, or use the dense or chunked backend on CPU")
+        raise RuntimeError("grape_ap_triton: CPU tensors need Triton's interpreter, which was not on when "
+                           "triton was first imported: set TRITON_INTERPRET=1 in the environment before "
+                           "anything imports triton (torch's flex_attention does), or use the dense or "
+                           "chunked backend on CPU")
 
 
 class GrapeAPAttentionFunction(torch.autograd.Function):
@@ -350,6 +361,7 @@ class GrapeAPAttentionFunction(torch.autograd.Function):
                 dslope, None, None, None)
 
 
+@torch.compiler.disable   # a compiled model calls the kernels eagerly (graph break), not traced
 def grape_ap_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, slope: Tensor,
                        sm_scale: float | None = None, block_m: int | None = None,
                        block_n: int | None = None) -> Tensor:
