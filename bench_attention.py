@@ -1,0 +1,249 @@
+"""Time and peak memory of attention with every positional encoding, auto vs dense backend.
+
+For each encoding and sequence length T it measures forward+backward of
+  (a) one attention layer (model.Attention: projections, encoding, attention), and
+  (b) one model step (GPT, 2 layers, n_embd 256, 4 heads, batch 1, GPT-2 vocabulary: loss.backward()),
+once with attn_backend='auto' and once with 'dense', and prints ratios to RoPE and to dense,
+all measured in the same run.
+
+Time: time.perf_counter around each step, one warm-up step, the median of --repeats steps.
+Peak memory:
+- CUDA: torch.cuda.max_memory_allocated() minus the memory allocated before the step.
+- CPU: PyTorch's CPU allocator keeps no statistics (and tracemalloc does not see its
+  allocations), so each configuration runs in a child process forked from this one
+  (fork is cheap and skips re-importing torch/transformers): peak resident set size
+  (getrusage ru_maxrss) minus the resident size just before the first step. The number
+  therefore covers activations, gradients and temporaries as the OS sees them, allocator
+  slack included; parameters and inputs are already resident before the step.
+
+    python bench_attention.py --quick
+    python bench_attention.py --device cpu --T 512 1024 2048 4096 --out BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+import attention
+from model import GPT, Attention, GPTConfig
+
+ENCODINGS = ["nope", "rope", "grape_m", "grape_m_ctx", "alibi", "fox",
+             "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
+SECTION = "## Attention (CPU)"
+
+
+def config_for(encoding: str, backend: str, T: int) -> GPTConfig:
+    return GPTConfig(n_layer=2, n_embd=256, n_head=4, block_size=T, vocab_size=50304,
+                     pos_encoding=encoding, attn_backend=backend)
+
+
+def make_step(what: str, config: GPTConfig, device):
+    torch.manual_seed(0)
+    T = config.block_size
+    if what == "layer":
+        layer = Attention(config).to(device)
+        x = torch.randn(1, T, config.n_embd, device=device, requires_grad=True)
+
+        def step():
+            layer(x).square().mean().backward()
+    else:
+        model = GPT(config).to(device)
+        idx = torch.randint(0, config.vocab_size, (1, T + 1), device=device)
+
+        def step():
+            _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+            loss.backward()
+    return step
+
+
+def current_rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats: int) -> dict:
+    """Runs in the process that measures: returns times (s), peak (MiB) and the backend used."""
+    chosen = set()
+    pick = attention.choose_backend
+
+    def recording_choice(q, bias, device_type=None):
+        name = pick(q, bias, device_type)
+        chosen.add(name)
+        return name
+    attention.choose_backend = recording_choice
+    try:
+        dev = torch.device(device)
+        step = make_step(what, config_for(encoding, backend, T), dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = current_rss_kib()
+        times = []
+        for i in range(repeats + 1):             # the first step is the warm-up
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        if dev.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    finally:
+        attention.choose_backend = pick
+    used = backend if backend != "auto" else "+".join(sorted(chosen)) or "sdpa"
+    return {"time": statistics.median(times), "peak": peak, "used": used}
+
+
+def run_config(what, encoding, backend, T, device, repeats) -> dict:
+    if device != "cpu":
+        return measure(what, encoding, backend, T, device, repeats)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                  # child: measure, send JSON, exit
+        os.close(read)
+        try:
+            out = measure(what, encoding, backend, T, device, repeats)
+        except Exception as e:                    # e.g. out of memory: report, do not crash the run
+            out = {"error": f"{type(e).__name__}: {e}"[:200]}
+        with os.fdopen(write, "w") as f:
+            json.dump(out, f)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not text:
+        return {"error": f"child process died (status {status}), probably out of memory"}
+    return json.loads(text)
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    if device == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def fmt(r, key, scale=1.0, digits=0):
+    if r is None or "error" in r:
+        return "err" if r is not None else "-"
+    return f"{r[key] * scale:.{digits}f}"
+
+
+def table(results: dict, what: str, Ts, encodings) -> list[str]:
+    lines = [f"| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
+             f"| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for T in Ts:
+        rope = results.get((what, "rope", "auto", T))
+        for enc in encodings:
+            a, d = results.get((what, enc, "auto", T)), results.get((what, enc, "dense", T))
+            if a is None and d is None:
+                continue
+            ok = lambda r: r is not None and "error" not in r
+            lines.append(
+                f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
+                f"| {fmt(a, 'time', 1e3)} | {ratio(a['time'], rope['time']) if ok(a) and ok(rope) else '-'} "
+                f"| {fmt(d, 'time', 1e3)} | {ratio(a['time'], d['time']) if ok(a) and ok(d) else '-'} "
+                f"| {fmt(a, 'peak')} | {ratio(a['peak'], rope['peak']) if ok(a) and ok(rope) else '-'} "
+                f"| {fmt(d, 'peak')} | {ratio(a['peak'], d['peak']) if ok(a) and ok(d) else '-'} |")
+    return lines
+
+
+def report(results, args, Ts, encodings, elapsed) -> str:
+    head = SECTION if args.device == "cpu" else f"## Attention ({args.device.upper()})"
+    cmd = "python " + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    lines = [head, "",
+             f"Machine: {machine_description(args.device)}.",
+             f"Command: `{cmd}` ({elapsed / 60:.0f} min).",
+             f"Median of {args.repeats} forward+backward steps after one warm-up; batch 1, 4 heads of 64, "
+             "n_embd 256. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
+             "before the step; CUDA: max_memory_allocated). ×RoPE: against RoPE with the auto backend "
+             "(SDPA) of the same T; auto/dense: the same encoding through the dense T² reference path.",
+             ""]
+    if args.note:
+        lines += [args.note, ""]
+    for what, title in (("model", "One model step (2 layers, GPT-2 vocabulary)"), ("layer", "One attention layer")):
+        if any(k[0] == what for k in results):
+            lines += [f"### {title}", ""] + table(results, what, Ts, encodings) + [""]
+    return "\n".join(lines)
+
+
+def write_section(path: str, section: str) -> None:
+    """Replace (or append) this section of the file, keeping every other section."""
+    head = section.splitlines()[0]
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if head in old:
+        start = old.index(head)
+        nxt = old.find("\n## ", start + len(head))
+        old = old[:start] + old[nxt + 1:] if nxt >= 0 else old[:start]
+    new = old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--encodings", nargs="+", default=ENCODINGS, choices=ENCODINGS)
+    ap.add_argument("--what", nargs="+", default=["layer", "model"], choices=["layer", "model"])
+    ap.add_argument("--backends", nargs="+", default=["auto", "dense"], choices=["auto", "dense"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="T 256 512, rope/alibi/grape_ap, 1 repeat")
+    ap.add_argument("--out", help="write the results as a section of this markdown file (e.g. BENCHMARKS.md)")
+    ap.add_argument("--note", default="", help="a line added to the written section")
+    args = ap.parse_args()
+    if args.quick:
+        args.T, args.encodings, args.repeats = [256, 512], ["rope", "alibi", "grape_ap"], 1
+    encodings = list(dict.fromkeys(["rope", *args.encodings]))      # RoPE is the yardstick
+    print(machine_description(args.device), flush=True)
+    results, start, done = {}, time.perf_counter(), []
+    for T in args.T:
+        for what in args.what:
+            for enc in encodings:
+                for backend in args.backends:
+                    r = run_config(what, enc, backend, T, args.device, args.repeats)
+                    results[(what, enc, backend, T)] = r
+                    print(f"T={T} {what:5s} {enc:12s} {backend:5s} " +
+                          (r["error"] if "error" in r else
+                           f"{r['used']:8s} {r['time'] * 1e3:9.1f} ms  {r['peak']:8.1f} MiB"), flush=True)
+        done.append(T)
+        section = report(results, args, sorted(done), encodings, time.perf_counter() - start)
+        if args.out:
+            write_section(args.out, section)       # after every T, so a long run leaves partial results
+    print()
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
