@@ -3,9 +3,11 @@
 The paper leaves open how its encodings behave beyond the context they were trained on.
 This script answers it per checkpoint: it loads each checkpoint with a longer block_size
 (none of the encodings has learned absolute positions, so nothing else changes), reads
-contiguous windows of k*T tokens from the validation shards, and records the mean loss at
-every position. All lengths see the same tokens (the longest length's windows, cut into
-more windows for the shorter ones), so the mean losses differ only by the context length.
+windows of k*T tokens from the validation shards, and records the mean loss at every
+position. The windows of the longest length are spread evenly over the validation split
+(the loss varies a lot from document to document, so the first few windows would be a poor
+sample), and every shorter length reads the same tokens, cut into more windows: the mean
+losses then differ only by the context length.
 
     python eval_length.py out-pydoc                        # one checkpoint
     python eval_length.py out-rope out-alibi out-grape_ap --num_windows 8 --out_dir eval_length_out
@@ -27,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataloader import iter_sequential
 from model import GPT
-from shards import ShardError
+from shards import ShardError, list_shards, read_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,39 +81,36 @@ def describe(path: str, model: GPT) -> str:
     return f"{name} ({cfg.pos_encoding}{shift})"
 
 
+def spread_windows(data_dir: str, span: int, n: int) -> list[np.ndarray]:
+    """``n`` windows of ``span + 1`` tokens, evenly spaced over the non-overlapping windows
+    that fit in the val shards (all of them when fewer fit)."""
+    shards = [read_shard(p) for p in list_shards(data_dir, "val")]
+    slots = [(s, i * (span + 1)) for s in range(len(shards)) for i in range(len(shards[s]) // (span + 1))]
+    if not slots:
+        raise ShardError(f"no val shard in {data_dir} holds a window of {span + 1} tokens (longest: "
+                         f"{max(len(t) for t in shards)}); evaluate fewer --multipliers or use a longer val split")
+    picks = sorted(set(np.linspace(0, len(slots) - 1, min(n, len(slots))).round().astype(int).tolist()))
+    return [np.asarray(shards[s][o:o + span + 1], dtype=np.int64) for s, o in (slots[i] for i in picks)]
+
+
 @torch.no_grad()
-def position_losses(model: GPT, data_dir: str, length: int, max_tokens: int, batch_size: int,
-                    device: str, desc: str) -> tuple[np.ndarray, int]:
-    """Mean cross-entropy at each of ``length`` positions over consecutive val windows."""
+def position_losses(model: GPT, windows: list[np.ndarray], length: int, batch_size: int, device: str,
+                    desc: str) -> tuple[np.ndarray, int]:
+    """Mean cross-entropy at each of ``length`` positions; each window of span+1 tokens is cut
+    into span // length consecutive pieces of length + 1 tokens."""
     model.eval()
+    pieces = [torch.from_numpy(w[j * length:(j + 1) * length + 1])
+              for w in windows for j in range((len(w) - 1) // length)]
     use_amp = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     total = torch.zeros(length, dtype=torch.float64)
-    n = 0
-    bar = tqdm(total=max_tokens // length, desc=desc, unit="win", leave=False)
-
-    def run(batch):
-        xs = torch.stack([b[0] for b in batch]).to(device)
-        ys = torch.stack([b[1] for b in batch]).to(device)
+    for i in tqdm(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False):
+        rows = torch.stack(pieces[i:i + batch_size]).to(device)
         with amp:
-            logits, _ = model(xs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten(), reduction="none")
-        bar.update(len(batch))
-        return loss.view(len(batch), length).sum(0).double().cpu()
-
-    batch = []
-    for xy in iter_sequential(data_dir, "val", length, max_tokens=max_tokens):
-        batch.append(xy)
-        if len(batch) == batch_size:
-            total += run(batch)
-            n, batch = n + len(batch), []
-    if batch:
-        total += run(batch)
-        n += len(batch)
-    bar.close()
-    if n == 0:
-        raise ValueError(f"no validation window of {length} tokens in {data_dir}")
-    return (total / n).numpy(), n
+            logits, _ = model(rows[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+        total += loss.view(len(rows), length).sum(0).double().cpu()
+    return (total / len(pieces)).numpy(), len(pieces)
 
 
 def evaluate(paths: list[str], multipliers=(1, 2, 4), num_windows: int = 4, data_dir: str | None = None,
@@ -126,17 +124,14 @@ def evaluate(paths: list[str], multipliers=(1, 2, 4), num_windows: int = 4, data
         trained = int(config.get("block_size") or model.config.block_size)
         label = labels[i] if labels else describe(path, model)
         shards = data_dir or resolve_data_dir(path, config)
-        max_tokens = num_windows * trained * max(multipliers)   # same tokens for every length
+        span = trained * max(multipliers)
+        windows = spread_windows(shards, span, num_windows)
+        if len(windows) < num_windows:
+            print(f"warning: the val split holds only {len(windows)} windows of {span} tokens, "
+                  f"not {num_windows}", file=sys.stderr)
         for k in multipliers:
             model = GPT.load(path, block_size=k * trained).to(device)
-            try:
-                loss, n = position_losses(model, shards, k * trained, max_tokens, batch_size, device,
-                                          desc=f"{label} {k}x")
-            except ShardError as e:
-                raise ShardError(f"{e}; evaluate fewer --multipliers or prepare a longer val split") from None
-            if n < max_tokens // (k * trained):
-                print(f"warning: {label} {k}x: the val split holds only {n} of the "
-                      f"{max_tokens // (k * trained)} windows asked for", file=sys.stderr)
+            loss, n = position_losses(model, windows, k * trained, batch_size, device, desc=f"{label} {k}x")
             results.append(LengthResult(label, path, trained, k, n, loss))
         del model
     return results
@@ -215,7 +210,7 @@ def main(argv=None) -> list[LengthResult]:
     p.add_argument("checkpoints", nargs="+", help="training out_dirs, ckpt.pt files or save_pretrained folders")
     p.add_argument("--data_dir", default=None, help="folder with val_*.bin (default: the run's own dataset)")
     p.add_argument("--multipliers", default="1,2,4", help="context multiples of the training block_size")
-    p.add_argument("--num_windows", type=int, default=4, help="windows at the longest length (default 4)")
+    p.add_argument("--num_windows", type=int, default=4, help="windows of the longest length, spread over the val split (default 4)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--labels", default=None, help="comma-separated names for the checkpoints")

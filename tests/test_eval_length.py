@@ -35,18 +35,18 @@ def run_dir(tmp_path_factory):
     return out, data
 
 
-def independent_mean_loss(path, data, length, n_windows):
+def independent_position_loss(path, data, length, starts):
     """Windows of length+1 tokens read straight from the shard; log-softmax and gather by hand."""
     tokens = np.asarray(read_shard(str(data / "val_000000.bin")), dtype=np.int64)
     model = GPT.load(str(path), block_size=length).eval()
     per_position = np.zeros(length)
-    for i in range(n_windows):
-        w = torch.from_numpy(tokens[i * (length + 1):(i + 1) * (length + 1)])
+    for s in starts:
+        w = torch.from_numpy(tokens[s:s + length + 1])
         with torch.no_grad():
             logits, _ = model(w[None, :-1])
         logp = F.log_softmax(logits[0].double(), dim=-1)
         per_position += -logp[torch.arange(length), w[1:]].numpy()
-    return per_position / n_windows
+    return per_position / len(starts)
 
 
 def test_eval_length_matches_independent_cross_entropy_and_writes_outputs(run_dir, tmp_path, capsys):
@@ -56,10 +56,13 @@ def test_eval_length_matches_independent_cross_entropy_and_writes_outputs(run_di
                                 "--batch_size", "3", "--out_dir", str(out)])
     by_k = {r.multiplier: r for r in results}
     assert by_k[1].trained == T and by_k[2].length == 2 * T
-    # same tokens for every length: 2 windows of 2T, i.e. 4 windows of T
+    # 600 tokens hold 18 windows of 2T+1 = 33 tokens; 2 windows spread evenly are the first
+    # and the last (start 17*33); 1x reads the same tokens as two T-windows each
+    big = [0, 17 * 33]
+    starts = {1: [b + j * T for b in big for j in (0, 1)], 2: big}
     assert (by_k[1].n_windows, by_k[2].n_windows) == (4, 2)
     for k, r in by_k.items():
-        want = independent_mean_loss(path, data, k * T, r.n_windows)
+        want = independent_position_loss(path, data, k * T, starts[k])
         np.testing.assert_allclose(r.position_loss, want, rtol=1e-5, atol=1e-5)
         assert r.mean_loss == pytest.approx(want.mean(), abs=1e-5)
 
