@@ -5,7 +5,6 @@ optional KV-shift. ``GPT.forward(idx, targets)`` returns ``(logits, loss)`` like
 the classes are ``transformers`` config/model classes so ``save_pretrained`` /
 ``from_pretrained`` work on the checkpoints.
 """
-from __future__ import annotations
 
 import math
 from typing import Optional
@@ -19,9 +18,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from attention import attend
 from generation import StreamingGenerationMixin, hf_forward, sample
-from grape import ENCODINGS, LayerCache, build_encoding
+from grape import LayerCache, build_encoding, check_encoding_name
 
-ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx")
+ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis")
 
 # The original repository's model_type strings, mapped onto pos_encoding.
 LEGACY_MODEL_TYPES = {
@@ -68,6 +67,7 @@ class GPTConfig(PretrainedConfig):
     grape_log_freq_scale: float = 16.0        # GRAPE-M: stored log-frequency is divided by this
     grape_m_per_head: bool = False            # GRAPE-M: one spectrum per head instead of shared
     grape_ctx_per_head: bool = False          # GRAPE-M-ctx: one phase increment per head
+    grape_nc_planes: int = 4                  # non-commuting GRAPE-M: rank-2 generators per head
     p_head_dim: int = 8                       # GRAPE-AP probe width
     p_tie_mode: str = "none"                  # GRAPE-AP: none | pq | pk | pv
     use_qk_rmsnorm: bool = True
@@ -86,13 +86,12 @@ class GPTConfig(PretrainedConfig):
 
     def check(self) -> None:
         """Clear errors for settings the model cannot run with."""
-        if self.pos_encoding not in ENCODINGS:
-            raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; choose one of {sorted(ENCODINGS)}")
+        parts = check_encoding_name(self.pos_encoding)
         if self.n_head * self.head_dim != self.n_embd:
             raise ValueError(f"n_head * head_dim must equal n_embd, got {self.n_head} * {self.head_dim} != {self.n_embd}")
-        if self.pos_encoding in ROTARY_ENCODINGS and self.head_dim % 2:
+        if any(p in ROTARY_ENCODINGS for p in parts) and self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for the rotary encoding {self.pos_encoding!r}")
-        if self.pos_encoding == "grape_ap" and self.p_tie_mode == "none" and self.p_head_dim % 2:
+        if "grape_ap" in parts and self.p_tie_mode == "none" and self.p_head_dim % 2:
             raise ValueError(f"p_head_dim={self.p_head_dim} must be even (GRAPE-AP probes rotate in planes)")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
