@@ -109,7 +109,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train with init_from='scratch' first "
                                 "or point resume_dir/out_dir at a folder containing ckpt.pt")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    # mmap: the ranks of a node share the file's pages instead of each holding a full copy
+    state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
     for key in ("model", "model_config", "optimizer", "iter_num"):
         if key not in state:
             raise ValueError(f"{path} is not a training checkpoint of this repository (no {key!r})")

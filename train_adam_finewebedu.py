@@ -231,7 +231,8 @@ def main(argv=None) -> dict:
 
     # -- model, optimizer, state ------------------------------------------------------------
     resume_from = cfg.resume_dir or cfg.out_dir
-    ckpt = load_checkpoint(resume_from, map_location="cpu") if cfg.init_from == "resume" else None
+    resuming = cfg.init_from == "resume"
+    ckpt = load_checkpoint(resume_from, map_location="cpu") if resuming else None
     if ckpt is not None:
         model_config = GPTConfig(**ckpt["model_config"])
         if "attn_backend" in explicit:            # a kernel choice, not a parameter: may change
@@ -283,6 +284,7 @@ def main(argv=None) -> dict:
                                  "data_rng_mode='stateful' resumes only with the same WORLD_SIZE")
         else:
             restore_rank_state(states[rank], train_batches)
+        del ckpt, states                         # a CPU copy of model + optimizer: free it
     tokens_per_iter = B * T * accum * world
 
     def to_device(x, y):
@@ -343,6 +345,11 @@ def main(argv=None) -> dict:
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"))
+        if not resuming and not cfg.eval_only:
+            if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+                print(f"note: training from scratch in {cfg.out_dir}; its checkpoint will be replaced "
+                      "(use --init_from=resume to continue it)")
+            open(log.path, "w").close()        # a new run starts a new log; a resume appends
         n_params = raw_model.num_parameters_unique()
         print(f"model: {model_config.pos_encoding}, {model_config.n_layer} layers, n_embd {model_config.n_embd}, "
               f"{n_params / 1e6:.2f}M parameters; {world} rank(s) on {device}, {dtype}; "

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Pretraining launcher.
+#   bash pretrain.sh                                   # CPU demo: offline corpus + small GRAPE-AP model, a few minutes
+#   bash pretrain.sh config/train_llama_mha_rope_medium_adam_80g8.py [--key=value ...]
+#                                                      # torchrun on every local GPU (one process per GPU)
+#   bash pretrain.sh config/train_cpu_rope.py --max_iters=50   # any config; extra --key=value pass through
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [[ $# -eq 0 || "${1:-}" == --* ]]; then
+    # no config: the CPU demo (extra --key=value arguments still pass through)
+    if ! compgen -G "data/pydoc/train_*.bin" > /dev/null || ! compgen -G "data/pydoc/val_*.bin" > /dev/null; then
+        echo "preparing the offline corpus (data/pydoc) ..."
+        python data/pydoc/prepare.py
+    fi
+    exec python train_adam_finewebedu.py config/train_cpu_grape_ap.py "$@"
+fi
+
+config="$1"
+shift
+if [[ ! -f "$config" ]]; then
+    echo "pretrain.sh: config file '$config' not found (see config/)" >&2
+    exit 2
+fi
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+if [[ "$gpus" -gt 0 ]]; then
+    exec torchrun --standalone --nproc_per_node="$gpus" train_adam_finewebedu.py "$config" "$@"
+fi
+echo "pretrain.sh: no GPU found; running $config in one CPU process"
+exec python train_adam_finewebedu.py "$config" "$@"
