@@ -18,6 +18,7 @@ the compiled kernels) hand it to the chunked path, which serves everything.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -98,13 +99,14 @@ def choose_backend(q: Tensor, bias, device_type: Optional[str] = None) -> str:
     from grape import PathIntegralBias
     if device_type == "cuda" and n_queries == n_keys:
         if isinstance(bias, PathIntegralBias):
-            return "triton" if _have_module("triton") else "chunked"
+            return "triton" if _have_module("triton") and _have_module("grape_ap_triton") else "chunked"
         return "flex"
     if device_type == "cpu" and n_keys < CPU_DENSE_MAX_KEYS:
         return "dense"
     return "chunked"        # decoding, long CPU sequences, other devices: linear memory
 
 
+@functools.lru_cache(maxsize=None)
 def _have_module(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is not None
