@@ -14,11 +14,11 @@ p_head_dim = 8
 
 batch_size = 8
 gradient_accumulation_steps = 1
-max_iters = 200
-lr_decay_iters = 200
-warmup_iters = 20
+max_iters = 120
+lr_decay_iters = 120
+warmup_iters = 15
 learning_rate = 3e-3
 min_lr = 1e-4
-eval_interval = 25
+eval_interval = 20
 eval_iters = 10
 log_interval = 10
