@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import time
+
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,7 +77,13 @@ def test_wandb_offline_run_history_is_read_across_log_blocks(tmp_path, monkeypat
         run.log({"train/loss": 4.0 - i * 1e-3, "tokens": i * 64, "lr": 1e-3}, step=i)
     run.log({"val/loss": 2.5, "tokens": n * 64}, step=n)
     run.finish()
+    # wandb's background writer may still be flushing its last block when finish() returns
+    # on a loaded machine: wait (bounded) until the last logged row is on disk
+    deadline = time.time() + 30
     curves = plot_curves.load_run(str(out_dir))     # out_dir/wandb/offline-run-*
+    while not curves.val and time.time() < deadline:
+        time.sleep(0.5)
+        curves = plot_curves.load_run(str(out_dir))
     assert curves.label == "out-fox"
     assert curves.train == [(float(i * 64), 4.0 - i * 1e-3) for i in range(n)]
     assert curves.val == [(float(n * 64), 2.5)]

@@ -179,7 +179,8 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(data_dir, tmp_path):
     proc.wait(timeout=30)
     before = train_losses(out)
     saved = checkpoint.load_checkpoint(out)["iter_num"]
-    assert saved >= 4 and saved % 4 == 0 and max(before) > saved
+    # the kill may land right after a checkpoint, so the log may end at the saved iteration
+    assert saved >= 4 and saved % 4 == 0 and max(before) >= saved
     n_lines = len(read_log(out))
     main(args + [f"--max_iters={saved + 2}", "--init_from=resume"])     # later overrides win
     resumed = [r for r in read_log(out)[n_lines:] if "train_loss" in r]
