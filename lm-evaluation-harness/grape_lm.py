@@ -71,6 +71,10 @@ class GrapeLM(TemplateLM):
             log.warning("grape: ignoring unknown model_args %s", sorted(unused))
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's CLI passes --device cuda by default; run on the CPU rather than fail
+            log.warning(f"device {device!r} requested but CUDA is not available: using cpu")
+            device = "cpu"
         self._device = torch.device(device)
         if isinstance(pretrained, GPT):
             model = pretrained

@@ -205,3 +205,13 @@ def test_paper_table_average_is_the_mean_of_the_seven_tasks():
     assert columns == ["ARC-E", "ARC-C", "HellaSwag", "OBQA", "PIQA", "WinoGrande", "SciQ"]
     rope = [56.36, 30.38, 44.65, 35.20, 68.77, 52.33, 74.40]   # the paper's Table 1, RoPE row
     assert run_paper_eval.table([("RoPE", rope)], columns).splitlines()[2].endswith("| 51.73 |")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_cuda_request_without_a_gpu_runs_on_cpu(tiny_checkpoint):
+    """lm_eval's CLI passes --device cuda by default; without a GPU the adapter must still run."""
+    import grape_lm
+    folder, _ = tiny_checkpoint
+    lm = grape_lm.GrapeLM(pretrained=folder, device="cuda", batch_size=1)
+    assert lm._device.type == "cpu"
+    assert next(lm.model.parameters()).device.type == "cpu"
