@@ -111,6 +111,20 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, bias: SeparableBias) ->
 
 BLOCK_ELEMENTS = 1 << 23      # (B, H, block, Tk) float32 temporaries of ~32 MiB each
 
+# torch's CPU exp leaves its vector path for arguments below about -87 (results that
+# underflow, and -inf) and runs ~40x slower there; far keys of a decaying bias live there.
+# Flooring the shifted logits at -80 keeps every exp on the fast path: a floored weight is
+# at most e^-80 ~ 2e-35, which vanishes in sums whose largest term is 1. Hidden entries are
+# zeroed after the exp, so causality stays exact.
+EXP_FLOOR = -80.0
+
+
+def _exp_visible(shifted: Tensor, hidden: Tensor) -> Tensor:
+    """In place: exp of (logit - row max, or - lse), hidden entries exactly 0."""
+    shifted.clamp_(min=EXP_FLOOR).exp_()
+    shifted[..., :hidden.shape[-1]].masked_fill_(hidden, 0.0)
+    return shifted
+
 
 def query_block(batch: int, n_heads: int, n_keys: int) -> int:
     """Queries per block: big enough to keep matmuls efficient and Python overhead low,
@@ -165,10 +179,11 @@ class _PathIntegralAttention(torch.autograd.Function):
         for s0 in range(0, Tq, block):
             s1 = min(s0 + block, Tq)
             first = Tq - s1          # reversed index of the block's last visible key
+            hidden = _hidden(s1 - s0, q.device)
             S, _ = _block_logits(qs[:, :, s0:s1], k_rev[:, :, first:], pf[:, :, s0:s1],
-                                 r_rev[:, :, first:], sl, _hidden(s1 - s0, q.device))
+                                 r_rev[:, :, first:], sl, hidden)
             m = S.amax(-1, keepdim=True)
-            S = S.sub_(m).exp_()
+            S = _exp_visible(S.sub_(m), hidden)
             l = S.sum(-1, keepdim=True)
             out[:, :, s0:s1] = (S @ v_rev[:, :, first:]).div_(l)
             lse[:, :, s0:s1] = m + l.log()
@@ -196,8 +211,9 @@ class _PathIntegralAttention(torch.autograd.Function):
             first = Tq - s1
             kv, vv, rv = k_rev[:, :, first:], v_rev[:, :, first:], r_rev[:, :, first:]
             qb, pb, dob = qs[:, :, s0:s1], pf[:, :, s0:s1], do[:, :, s0:s1]
-            P, z = _block_logits(qb, kv, pb, rv, sl, _hidden(s1 - s0, q.device))
-            P = P.sub_(lse[:, :, s0:s1]).exp_()
+            hidden = _hidden(s1 - s0, q.device)
+            P, z = _block_logits(qb, kv, pb, rv, sl, hidden)
+            P = _exp_visible(P.sub_(lse[:, :, s0:s1]), hidden)
             dv_rev[:, :, first:] += P.transpose(-1, -2) @ dob
             dS = (dob @ vv.transpose(-1, -2)).sub_(delta[:, :, s0:s1]).mul_(P)
             del P

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention
 import attention_chunked
-from attention import attend, choose_backend, dense_attention
+from attention import attend, choose_backend, dense_attention, dense_logits
 from attention_chunked import chunked_attention
 from grape import ENCODINGS, LayerCache, PathIntegralBias, SeparableBias, positions
 
@@ -126,6 +126,44 @@ def test_gradients_reach_every_bias_tensor():
         for a, b in zip(ref_g, got_g):
             assert b.abs().max() > 0
             torch.testing.assert_close(b, a, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+
+
+def test_chunked_matches_dense_when_far_weights_underflow():
+    """Steep decay: the nearest ~20 keys share the weight, the rest lie far below e^-87,
+    where the chunked path floors the exponent (and CPU flushes denormals). Values and
+    gradients still match dense, and causality stays exact: changing future values
+    changes no earlier output bit."""
+    torch.manual_seed(3)
+    B, H, T, D = 1, 2, 96, 8
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    q_pos = positions(0, T, "cpu")
+    p, r = torch.randn(B, H, T, 4, requires_grad=True), torch.randn(B, H, T, 4, requires_grad=True)
+    slope = torch.full((H,), 5.0, requires_grad=True)      # ψ ≈ -5·log 2 per step back
+    sq = torch.full((B, H, T), 4.0, requires_grad=True)
+    cases = [(lambda: PathIntegralBias(q_pos, p, r, slope), [q, k, v, p, r, slope]),
+             (lambda: SeparableBias(q_pos, T, slope_q=sq), [q, k, v, sq])]
+    for make_bias, leaves in cases:
+        bias = make_bias()
+        last_row = dense_logits(q, k, bias)[0, 0, -1]
+        assert (last_row[:T // 2] - last_row.max() < -100).all()
+        results = []
+        for run in (dense_attention, lambda *a: chunked_attention(*a, block=32)):
+            for t in leaves:
+                t.grad = None
+            out = run(q, k, v, make_bias())
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append((out.detach(), [t.grad.clone() for t in leaves]))
+        (ref, ref_g), (got, got_g) = results
+        # biases reach ~300 here; float32 rounds logits at that magnitude (~2e-5)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+        for a, b in zip(ref_g, got_g):
+            torch.testing.assert_close(b, a, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+        with torch.no_grad():
+            v2 = v.clone()
+            v2[:, :, T // 2:] += 1e30      # a weight of e^-80 on these would show
+            before = chunked_attention(q, k, v, make_bias(), block=32)[:, :, :T // 2]
+            after = chunked_attention(q, k, v2, make_bias(), block=32)[:, :, :T // 2]
+        assert torch.equal(before, after)
 
 
 class MaxNumel(TorchDispatchMode):
