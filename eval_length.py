@@ -113,7 +113,7 @@ def position_losses(model: GPT, windows: list[np.ndarray], length: int, batch_si
     return (total / len(pieces)).numpy(), len(pieces)
 
 
-def evaluate(paths: list[str], multipliers=(1, 2, 4), num_windows: int = 4, data_dir: str | None = None,
+def evaluate(paths: list[str], multipliers=(1, 2, 4), num_windows: int = 32, data_dir: str | None = None,
              batch_size: int = 1, device: str = "cpu", labels: list[str] | None = None) -> list[LengthResult]:
     if labels and len(labels) != len(paths):
         raise ValueError(f"got {len(labels)} labels for {len(paths)} checkpoints")
@@ -210,7 +210,7 @@ def main(argv=None) -> list[LengthResult]:
     p.add_argument("checkpoints", nargs="+", help="training out_dirs, ckpt.pt files or save_pretrained folders")
     p.add_argument("--data_dir", default=None, help="folder with val_*.bin (default: the run's own dataset)")
     p.add_argument("--multipliers", default="1,2,4", help="context multiples of the training block_size")
-    p.add_argument("--num_windows", type=int, default=4, help="windows of the longest length, spread over the val split (default 4)")
+    p.add_argument("--num_windows", type=int, default=32, help="windows of the longest length, spread over the val split (default 32; the loss varies a lot between documents)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--labels", default=None, help="comma-separated names for the checkpoints")

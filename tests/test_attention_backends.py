@@ -97,6 +97,18 @@ def test_chunked_decoding_with_cache_matches_dense(name, split):
     assert_close_grads(ref_grads, grads)
 
 
+def dense_then_chunked(q, k, v, make_bias, leaves, block):
+    """(output, leaf gradients) of the dense reference, then of the chunked path."""
+    results = []
+    for run in (dense_attention, lambda *a: chunked_attention(*a, block=block)):
+        for t in leaves:
+            t.grad = None
+        out = run(q, k, v, make_bias())
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), [t.grad.clone() for t in leaves]))
+    return results
+
+
 def test_gradients_reach_every_bias_tensor():
     """Bias dataclasses built by hand, every field a leaf (GRAPE-AP's slope included)."""
     torch.manual_seed(0)
@@ -114,14 +126,7 @@ def test_gradients_reach_every_bias_tensor():
         (lambda: PathIntegralBias(q_pos, p, r, slope), [q, k, v, p, r, slope]),
     ]
     for make_bias, leaves in cases:
-        results = []
-        for run in (dense_attention, lambda *a: chunked_attention(*a, block=16)):
-            for t in leaves:
-                t.grad = None
-            out = run(q, k, v, make_bias())
-            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-            results.append((out.detach(), [t.grad.clone() for t in leaves]))
-        (ref, ref_g), (got, got_g) = results
+        (ref, ref_g), (got, got_g) = dense_then_chunked(q, k, v, make_bias, leaves, block=16)
         torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
         for a, b in zip(ref_g, got_g):
             assert b.abs().max() > 0
@@ -146,14 +151,7 @@ def test_chunked_matches_dense_when_far_weights_underflow():
         bias = make_bias()
         last_row = dense_logits(q, k, bias)[0, 0, -1]
         assert (last_row[:T // 2] - last_row.max() < -100).all()
-        results = []
-        for run in (dense_attention, lambda *a: chunked_attention(*a, block=32)):
-            for t in leaves:
-                t.grad = None
-            out = run(q, k, v, make_bias())
-            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-            results.append((out.detach(), [t.grad.clone() for t in leaves]))
-        (ref, ref_g), (got, got_g) = results
+        (ref, ref_g), (got, got_g) = dense_then_chunked(q, k, v, make_bias, leaves, block=32)
         # biases reach ~300 here; float32 rounds logits at that magnitude (~2e-5)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
         for a, b in zip(ref_g, got_g):
