@@ -237,10 +237,13 @@ def main(argv=None) -> dict:
         model_config = GPTConfig(**ckpt["model_config"])
         if "attn_backend" in explicit:            # a kernel choice, not a parameter: may change
             model_config.attn_backend = cfg.attn_backend
-        differing = [k for k in model_fields() if k in explicit and k != "attn_backend"
-                     and getattr(model_config, k) != cfg[k]]
-        if differing and master:
-            print(f"note: resuming keeps the checkpoint's model settings; ignoring {differing}")
+        differing = [f"{k}={cfg[k]!r} (checkpoint: {getattr(model_config, k)!r})" for k in model_fields()
+                     if k in explicit and k != "attn_backend" and getattr(model_config, k) != cfg[k]]
+        if differing:
+            # a different model would silently replace the one asked for; the checkpoint is untouched
+            raise ConfigError(f"cannot resume from {resume_from}: its model was trained with other settings: "
+                              f"{', '.join(differing)}. Resume with the config it was trained with, or start "
+                              f"a new run in another out_dir")
         for k in model_fields():
             cfg[k] = getattr(model_config, k)
     else:

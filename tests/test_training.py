@@ -151,6 +151,19 @@ def test_config_error_stops_before_training(data_dir, tmp_path):
     assert not os.path.exists(tmp_path / "log.jsonl")
 
 
+def test_resume_with_another_model_config_fails_and_keeps_the_checkpoint(data_dir, tmp_path):
+    from configurator import ConfigError
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_ap"))
+    files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    with pytest.raises(ConfigError, match=r"pos_encoding='rope' \(checkpoint: 'grape_ap'\)"):
+        main(tiny(data_dir, out, "--max_iters=4", "--pos_encoding=rope", "--init_from=resume"))
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == files
+    # the same model settings resume, and a kernel choice may change
+    assert main(tiny(data_dir, out, "--max_iters=3", "--pos_encoding=grape_ap", "--init_from=resume",
+                     "--attn_backend=chunked"))["iter_num"] == 3
+
+
 def start(args, tmp_path, name):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / f"{name}.out", "w")
