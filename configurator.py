@@ -168,15 +168,15 @@ class Configurator:
         with open(path) as f:
             source = f.read()
         # the file sees the current values, as in nanoGPT (so `60 // batch_size` works)
-        namespace = dict(self.values)
-        before = dict(namespace)
+        namespace = _RecordingNamespace(self.values)
         namespace["__file__"] = os.path.abspath(path)   # lets a file exec a shared base next to it
         exec(compile(source, path, "exec"), namespace)
-        for key, value in namespace.items():
+        for key in namespace.assigned:
+            if key not in namespace:
+                continue                 # assigned, then deleted
+            value = namespace[key]
             if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                 continue
-            if key in before and before[key] is value and key not in _assigned_names(source):
-                continue                 # a default the file did not touch
             self.set(key, value, path)
 
     def apply_argument(self, arg: str) -> None:
@@ -206,13 +206,18 @@ class Configurator:
                 self.apply_file(arg)
 
 
-def _assigned_names(source: str) -> set[str]:
-    """Names a config file assigns at top level (so `x = x` style re-sets still count)."""
-    names = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-    return names
+class _RecordingNamespace(dict):
+    """A config file's namespace that remembers, in order, every name the file assigns,
+    also inside a shared base it execs (``exec(open(...).read())`` writes into the same
+    namespace); a key set to its default value still counts as set."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.assigned: dict[str, None] = {}
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.assigned[key] = None
 
 
 def resolve_model_type(values: dict, explicit: set[str]) -> None:

@@ -56,6 +56,19 @@ def test_values_are_typed_and_later_overrides_win(tmp_path):
     assert cfg.batch_size == 7 and cfg.out_dir == "123" and cfg.compile is False and cfg.head_dim is None
 
 
+def test_keys_set_by_a_shared_base_count_as_set_even_at_their_default(tmp_path):
+    """A run file that execs a shared base: the base's keys are values of the run and count as
+    set by the file (resume compares them with the checkpoint), also where they equal the default."""
+    values, accepted = defaults()
+    write(tmp_path, f"n_layer = {values['n_layer']}\nn_head = 3\nx = 1\ndel x\n", name="base.py")
+    run = write(tmp_path, "import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
+                          "n_embd = 96\n", name="run.py")
+    cfg, explicit = configure([run], values, accepted, verbose=False)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (values["n_layer"], 3, 96)
+    assert {"n_layer", "n_head", "n_embd"} <= explicit
+    assert "block_size" not in explicit and "os" not in explicit
+
+
 def test_model_keys_are_gptconfig_fields_with_its_defaults():
     values, _ = defaults()
     for name in ("pos_encoding", "p_head_dim", "p_tie_mode", "use_k_shift", "rope_base", "attn_backend"):
