@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from configurator import ConfigError, configure, model_fields, types_of
 from model import GPT, GPTConfig
+from shards import ShardError
 
 # -----------------------------------------------------------------------------------------
 # Defaults. Model keys (n_layer, pos_encoding, p_head_dim, use_k_shift, ...) are GPTConfig's
@@ -473,3 +474,5 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except ShardError as e:                 # missing or corrupt data: the message says which file
+        sys.exit(f"data error: {e}")
