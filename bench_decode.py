@@ -123,7 +123,8 @@ def main(argv=None):
             "*cached*: the prompt is prefilled once, then every token is one step on the KV cache "
             "(tokens/s over the steps; prefill time separately). *recompute*: every token reruns the "
             "whole sequence (no cache). Both in one run, same process; *same tokens*: the two greedy "
-            "outputs agree. Absolute numbers move between runs on a small CPU; compare within a row. The lm_head (vocab 50304) dominates a cached step of a model this small.\n\n"
+            "outputs agree. Absolute numbers move between runs on a small CPU; compare within a row. "
+            "The lm_head (vocab 50304) dominates a cached step of a model this small.\n\n"
             f"Machine: {machine(args.device)}.  \nCommand: `{command.strip()}`\n\n"
             + header + "\n" + "\n".join(rows) + "\n")
     if args.write:
