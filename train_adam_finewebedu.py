@@ -15,6 +15,7 @@ batch_size * gradient_accumulation_steps * WORLD_SIZE sequences of block_size to
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -456,6 +457,11 @@ def main(argv=None) -> dict:
         if wandb_run is not None:
             wandb_run.finish()
         if ddp:
+            # Free DDP's reducer while the process group is still registered: if the reducer
+            # held the last reference, the group's destructor would run under the GIL and wait
+            # for a gloo worker that needs the GIL to release the last collective's tensors.
+            del model
+            gc.collect()
             dist.destroy_process_group()
         torch.use_deterministic_algorithms(was_deterministic)
     return {"iter_num": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss,
