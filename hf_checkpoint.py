@@ -24,7 +24,8 @@ MODEL_MODULE = "model"     # the module whose classes auto_map names (model.GPTC
 
 
 def _local_imports(path: str) -> list[tuple[ast.ImportFrom, str]]:
-    """(node, module name) for every import of a sibling module of ``path``, at any depth."""
+    """(node, module name) for every ``from x import`` of a sibling module x of ``path``, at any
+    depth (imports inside functions included)."""
     folder = os.path.dirname(path)
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=path)
@@ -36,7 +37,7 @@ def _local_imports(path: str) -> list[tuple[ast.ImportFrom, str]]:
                     raise ValueError(f"{path}:{node.lineno}: 'import {alias.name}' of a repository module "
                                      "cannot ship as remote code (transformers only follows 'from .x import y'); "
                                      f"write 'from {alias.name} import ...'")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level in (0, 1):
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             name = node.module.split(".")[0]
             if os.path.isfile(os.path.join(folder, name + ".py")):
                 if "." in node.module:
@@ -56,21 +57,23 @@ def code_files(module: str = MODEL_MODULE) -> dict[str, str]:
         path = os.path.join(ROOT, name + ".py")
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines(keepends=True)
-        for node, dep in _local_imports(path):
+        for node, dep in _local_imports(path):     # 'from grape import X' -> 'from .grape import X'
             todo.append(dep)
-            if node.level == 0:             # 'from grape import X' -> 'from .grape import X'
-                i, col = node.lineno - 1, node.col_offset
-                head = re.match(r"from\s+" + re.escape(node.module) + r"\b", lines[i][col:])
-                if head is None or lines[i][:col].strip():
-                    raise ValueError(f"{path}:{node.lineno}: put 'from {node.module} import ...' on its own "
-                                     "line so transformers can follow it as a relative import")
-                lines[i] = lines[i][:col] + "from ." + node.module + lines[i][col + head.end():]
+            i, col = node.lineno - 1, node.col_offset
+            head = re.match(r"from\s+" + re.escape(node.module) + r"\b", lines[i][col:])
+            if head is None or lines[i][:col].strip():
+                raise ValueError(f"{path}:{node.lineno}: put 'from {node.module} import ...' on its own "
+                                 "line so transformers can follow it as a relative import")
+            lines[i] = lines[i][:col] + "from ." + node.module + lines[i][col + head.end():]
         files[name + ".py"] = "".join(lines)
     return files
 
 
 def write_code(folder: str, module: str = MODEL_MODULE) -> list[str]:
     """Write ``code_files(module)`` into ``folder``; returns the file names."""
+    if os.path.realpath(folder) == os.path.realpath(ROOT):
+        raise ValueError(f"refusing to save a checkpoint into the repository itself ({ROOT}): its code files "
+                         "would replace model.py and the modules it imports; choose another folder")
     files = code_files(module)
     for name, source in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:

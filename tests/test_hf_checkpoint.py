@@ -262,3 +262,5 @@ def test_code_files_makes_repository_imports_relative(tmp_path, monkeypatch):
     (tmp_path / "top.py").write_text("import helper\n")
     with pytest.raises(ValueError, match="import helper"):
         hf_checkpoint.code_files("top")
+    with pytest.raises(ValueError, match="repository itself"):   # never overwrite the sources
+        hf_checkpoint.write_code(str(tmp_path))
