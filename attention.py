@@ -44,8 +44,9 @@ def dense_logits(q: Tensor, k: Tensor, bias=None) -> Tensor:
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
-    probs = torch.softmax(dense_logits(q, k, bias), dim=-1)
-    return (probs @ v.float()).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):      # float32 maths under autocast too
+        probs = torch.softmax(dense_logits(q, k, bias), dim=-1)
+        return (probs @ v.float()).to(q.dtype)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
@@ -75,7 +76,18 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
     if not isinstance(bias, PathIntegralBias) or q.shape[2] != k.shape[2]:
         return chunked_attention(q, k, v, bias)
     from grape_ap_triton import grape_ap_triton_attention    # imported lazily: needs triton
-    return grape_ap_triton_attention(q, k, v, bias)
+    return grape_ap_triton_attention(*autocast_operands(q, k, v), bias)
+
+
+def autocast_operands(q: Tensor, k: Tensor, v: Tensor):
+    """q, k, v in autocast's dtype when autocast is on for their device, as autocast hands them
+    to SDPA. Under autocast QK-RMSNorm's float32 weight makes q and k float32 while v is not,
+    and a fused kernel takes one dtype (and should run in the 16-bit one)."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 BACKENDS: dict[str, Callable] = {
@@ -126,12 +138,18 @@ def flush_denormals_on_cpu(device: torch.device) -> None:
         _denormals.flushed = True
 
 
+def resolve_backend(q: Tensor, bias, backend: str = "auto") -> str:
+    """The backend ``attend`` runs for this case."""
+    if backend == "auto":
+        return choose_backend(q, bias)
+    if bias is None and backend != "dense":
+        return "sdpa"         # every fast path reduces to SDPA when there is no bias
+    return backend
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, bias=None, backend: str = "auto") -> Tensor:
     flush_denormals_on_cpu(q.device)
-    if backend == "auto":
-        backend = choose_backend(q, bias)
-    elif bias is None and backend != "dense":
-        backend = "sdpa"      # every fast path reduces to SDPA when there is no bias
+    backend = resolve_backend(q, bias, backend)
     try:
         fn = BACKENDS[backend]
     except KeyError:

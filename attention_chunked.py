@@ -40,6 +40,13 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias=None, block: Optiona
     if bias is None:
         from attention import sdpa_attention
         return sdpa_attention(q, k, v)
+    # float32 maths under autocast too: bias columns as large as T * slope would lose the bias
+    # to a 16-bit dot product, and GRAPE-AP's blocks would round logits and weights
+    with torch.autocast(q.device.type, enabled=False):
+        return _biased_attention(q, k, v, bias, block)
+
+
+def _biased_attention(q: Tensor, k: Tensor, v: Tensor, bias, block: Optional[int]) -> Tensor:
     if isinstance(bias, SeparableBias):
         return separable_attention(q, k, v, bias)
     if isinstance(bias, PathIntegralBias):

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from backend_check import BackendMismatch, check_backends
 from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from configurator import ConfigError, configure, model_fields, types_of
 from model import GPT, GPTConfig
@@ -86,6 +87,7 @@ TRAIN_DEFAULTS = dict(
     backend="auto",               # DDP backend: 'nccl' on GPU, 'gloo' on CPU
     deterministic=False,          # deterministic kernels
     bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware
+    check_backends=True,          # on CUDA, compare the fast attention backends with the dense reference first
     gpu_peak_flops=0.0,           # for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
 )
 MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096)
@@ -264,6 +266,8 @@ def main(argv=None) -> dict:
         scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
         wandb_id = ckpt.get("wandb_id")
+    if cfg.check_backends and device_type == "cuda":       # before the first step (backend_check.py)
+        check_backends(raw_model, ptdtype, log=print if master else lambda *_: None)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model
     if ddp:
@@ -480,5 +484,7 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except BackendMismatch as e:            # a fast attention kernel is wrong on this GPU
+        sys.exit(f"attention backend error: {e}")
     except ShardError as e:                 # missing or corrupt data: the message says which file
         sys.exit(f"data error: {e}")

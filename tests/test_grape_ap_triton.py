@@ -205,43 +205,6 @@ def test_compiled_fullgraph_traces_through_the_kernel():
 # 16-bit inputs: the kernel's real bfloat16 / float16 path against bounds derived from rounding
 # ----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def gpu_bfloat16_arithmetic(monkeypatch):
-    """Give Triton's interpreter the GPU's bfloat16 arithmetic, which Triton 3.9's lacks:
-    tl.dot of bfloat16 operands forms exact products and sums them in float32 (the interpreter
-    multiplies the raw 16-bit patterns as integers), and a float32 -> bfloat16 cast rounds to
-    nearest even (the interpreter truncates). Everything else (loads, stores, the kernels' own
-    code) is the interpreter's."""
-    if torch.cuda.is_available():
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    plain_dot, plain_cast = builder.create_dot, builder.cast_impl
-
-    def widened(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return plain_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
-                                            tl.bfloat16)
-        return plain_cast(self, src, dst_type)
-
-    monkeypatch.setattr(builder, "create_dot", create_dot)
-    monkeypatch.setattr(builder, "cast_impl", cast_impl)
-    yield
-
-
 def _rounding_bounds(q, k, v, p, r, slope, grad_out, want, unit):
     """Elementwise first-order bounds on |kernel - exact| for 16-bit q/k/v with unit roundoff
     ``unit``, given the exact (float32 dense) output and gradients ``want``.
