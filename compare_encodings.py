@@ -16,7 +16,9 @@ training script supports (DDP, torch.compile, bf16) applies. Options of the form
 ``--key=value`` that are not this script's own pass through to every run.
 
 Encodings: ``all`` is every name in ``grape.ENCODINGS`` (read at run time, so new encodings
-join by themselves); it adds no composition. A name may be a composition (``rope+grape_ap``)
+join by themselves) that the base config can build: one that cannot (a grid encoding needs
+``grid=(H, W)``, which text has not) is skipped, with its reason in RESULTS.md; a name given
+explicitly that cannot be built is an error. ``all`` adds no composition. A name may be a composition (``rope+grape_ap``)
 or carry ``:kvshift`` (``rope:kvshift`` = the paper's KV-shift runs: use_k_shift and
 use_v_shift on).
 
@@ -140,12 +142,16 @@ def launcher(nproc_per_node: int) -> list[str]:
     return [sys.executable, TRAIN_SCRIPT]
 
 
-def resolve(args: list[str]):
-    """The training script's resolved config for these arguments (its own defaults and checks)."""
-    from configurator import configure
+def resolve(args: list[str], build_model_config: bool = False):
+    """The training script's resolved config for these arguments (its own defaults and checks);
+    with ``build_model_config`` also the model's checks (GPTConfig), which raise ValueError."""
+    from configurator import configure, model_fields
     from train_adam_finewebedu import defaults, validate
     cfg, _ = configure(args, *defaults(), verbose=False)
     validate(cfg)
+    if build_model_config:
+        from model import GPTConfig
+        GPTConfig(**{k: cfg[k] for k in model_fields()})
     return cfg
 
 
@@ -373,6 +379,7 @@ def parse_args(argv):
         p.error("--seeds, --nproc_per_node, --eval_windows, --eval_batch_size and --multipliers must be positive")
     if not os.path.isfile(opts.config):
         p.error(f"config file {opts.config!r} not found")
+    opts.named = {e.strip() for e in opts.encodings.split(",")} - {"all", ""}
     try:
         opts.encodings = parse_encodings(opts.encodings)
     except ValueError as e:
@@ -393,20 +400,30 @@ def main(argv=None) -> int:
         base = resolve(config_args)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    runs = plan_runs(opts.encodings, opts.seeds, base.seed, base.data_seed, opts.out_root)
+    # an encoding 'all' brought in that this config cannot build (e.g. a grid encoding on text)
+    # is skipped with its reason; one named explicitly is an error
+    skipped = {}
+    for enc in opts.encodings:
+        probe = Run(enc, 0, base.seed, base.data_seed, os.path.join(opts.out_root, "probe"))
+        try:
+            resolve(training_args(config_args, probe, bool(base.model_type)), build_model_config=True)
+        except (ConfigError, ValueError) as e:
+            if enc in opts.named:
+                raise SystemExit(f"config error for {enc}: {e}") from None
+            skipped[enc] = str(e)
+            print(f"skipping {enc}: {e}", file=sys.stderr)
+    encodings = [e for e in opts.encodings if e not in skipped]
+    runs = plan_runs(encodings, opts.seeds, base.seed, base.data_seed, opts.out_root)
     commands, settings = {}, {}
     for run in runs:
         args = training_args(config_args, run, clear_model_type=bool(base.model_type))
         commands[run.out_dir] = launcher(opts.nproc_per_node) + args
-        try:
-            settings[run.out_dir] = settings_of(resolve(args), opts.nproc_per_node)
-        except (ConfigError, ValueError) as e:
-            raise SystemExit(f"config error for {run.name}: {e}") from None
+        settings[run.out_dir] = settings_of(resolve(args), opts.nproc_per_node)
 
     def report():
         return compare_report.write(opts.report_dir, runs, settings, command=["python", "compare_encodings.py", *argv],
                                     base=base, reference=opts.reference, note=opts.note,
-                                    nproc_per_node=opts.nproc_per_node)
+                                    nproc_per_node=opts.nproc_per_node, skipped=skipped)
 
     if opts.dry_run:
         for run in runs:
@@ -420,7 +437,7 @@ def main(argv=None) -> int:
         return 0
 
     todo = [r for r in runs if not is_done(r, settings[r.out_dir], opts)]
-    print(f"{len(runs)} runs ({len(opts.encodings)} encodings x {opts.seeds} seeds): {len(runs) - len(todo)} done, "
+    print(f"{len(runs)} runs ({len(encodings)} encodings x {opts.seeds} seeds): {len(runs) - len(todo)} done, "
           f"{len(todo)} to run; {base.max_iters} iterations each; out_root {opts.out_root}", flush=True)
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     failed, started, durations = [], time.time(), []

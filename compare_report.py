@@ -314,7 +314,7 @@ def write_csv(summaries: list[dict], path: str) -> None:
 
 
 def write(report_dir: str, runs: list, settings: dict, command: list[str], base, reference: str = "rope",
-          note: str = "", nproc_per_node: int = 1) -> str:
+          note: str = "", nproc_per_node: int = 1, skipped: dict | None = None) -> str:
     """Write RESULTS.md, results/curves.png, results/loss_by_position.png and results/runs.csv
     from the finished runs; returns the path of RESULTS.md."""
     import json
@@ -377,6 +377,9 @@ def write(report_dir: str, runs: list, settings: dict, command: list[str], base,
         plot_curves(agg, os.path.join(report_dir, "results", "curves.png"))
         plot_positions(agg, os.path.join(report_dir, "results", "loss_by_position.png"))
         write_csv(summaries, os.path.join(report_dir, "results", "runs.csv"))
+    if skipped:
+        lines += ["", "## Encodings left out", "", "Registered, but the base config cannot build them:", ""]
+        lines += [f"- `{e}`: {reason}" for e, reason in skipped.items()]
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {r.name}: {err}" for r, err in failed]
     if pending:

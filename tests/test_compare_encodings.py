@@ -10,35 +10,25 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import compare_encodings
 import compare_report
 import eval_length
 import grape
-from shards import write_shard
+from test_training import data_dir  # noqa: F401  (the shards fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_ITERS, B, T = 6, 4, 32
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """Shards of a learnable pattern plus noise, and a base config for a tiny model."""
+def toy(tmp_path_factory, data_dir):
+    """A base config for a tiny model on test_training's shards (a learnable pattern plus noise)."""
     root = tmp_path_factory.mktemp("compare")
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(0, 256, size=48)
-    tokens = np.concatenate([np.roll(pattern, i % 5) for i in range(250)])
-    noise = rng.random(tokens.size) < 0.1
-    tokens[noise] = rng.integers(0, 256, size=noise.sum())
-    data = root / "data"
-    data.mkdir()
-    write_shard(str(data / "train_000000.bin"), tokens[:9000])
-    write_shard(str(data / "val_000000.bin"), tokens[9000:])
     config = root / "toy.py"
     config.write_text(
-        f"data_dir = {str(data)!r}\ndevice = 'cpu'\ncompile = False\nprogress = False\n"
+        f"data_dir = {data_dir!r}\ndevice = 'cpu'\ncompile = False\nprogress = False\n"
         "n_layer = 1\nn_head = 2\nn_embd = 32\nhead_dim = 16\nvocab_size = 256\n"
         f"block_size = {T}\nbatch_size = {B}\ngradient_accumulation_steps = 1\n"
         f"max_iters = {MAX_ITERS}\nlr_decay_iters = {MAX_ITERS}\nwarmup_iters = 1\nlearning_rate = 3e-3\n"
@@ -186,3 +176,17 @@ def test_encoding_names_all_compositions_and_kvshift(toy):
     paper = os.path.join(ROOT, "config", "train_llama_mha_rope_medium_adam_80g8.py")
     cfg = compare_encodings.resolve(compare_encodings.training_args([paper], run[1], True))
     assert (cfg.pos_encoding, cfg.n_layer, cfg.block_size) == ("rope+grape_ap", 24, 4096)
+
+
+def test_all_skips_encodings_the_config_cannot_build_and_a_named_one_is_an_error(toy, tmp_path, capsys):
+    _, config = toy
+    odd = ["--n_embd=30", "--head_dim=15"]       # rotary encodings need an even head width
+    args = [config, "--encodings", "all", "--seeds", "1", "--out_root", str(tmp_path / "runs"), "--dry_run", *odd]
+    assert compare_encodings.main(args) == 0
+    printed = capsys.readouterr()
+    assert "skipping rope: head_dim=15 must be even" in printed.err
+    planned = re.findall(r"^(\S+) seed 0: new$", printed.out, flags=re.M)
+    assert "alibi" in planned and "nope" in planned and "rope" not in planned
+    with pytest.raises(SystemExit, match="config error for rope: head_dim=15 must be even"):
+        compare_encodings.main([config, "--encodings", "rope,alibi", "--out_root", str(tmp_path / "runs"),
+                                "--dry_run", *odd])
