@@ -33,14 +33,30 @@ _TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "None": typ
 
 
 def _parse_annotation(annotation: str) -> tuple:
-    """'Optional[int]' / 'int | None' / 'float' -> tuple of python types."""
-    text = annotation.replace(" ", "")
-    if text.startswith("Optional[") and text.endswith("]"):
-        return _parse_annotation(text[len("Optional["):-1]) + (type(None),)
+    """'Optional[int]' / 'int | None' / 'float' -> tuple of python types; a sequence of ints
+    ('tuple[int, ...]', 'list[int]', e.g. grid=(16, 16)) is accepted as ``tuple``."""
+    text = annotation.replace(" ", "").replace("NoneType", "None")
+    for wrapper in ("Optional[", "Union["):
+        if text.startswith(wrapper) and text.endswith("]"):
+            inner = _parse_annotation_list(text[len(wrapper):-1])
+            return inner + ((type(None),) if wrapper == "Optional[" else ())
+    if text in ("tuple[int,...]", "list[int]"):
+        return (tuple,)
     try:
         return tuple(_TYPE_NAMES[part] for part in text.split("|"))
     except KeyError:
         raise TypeError(f"cannot check config values of type {annotation!r}") from None
+
+
+def _parse_annotation_list(text: str) -> tuple:
+    """The types of 'A,B[...],C' (commas inside brackets belong to their part)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return tuple(dict.fromkeys(t for part in parts for t in _parse_annotation(part)))
 
 
 def model_fields() -> dict[str, tuple[Any, tuple]]:
@@ -73,6 +89,9 @@ def check_value(key: str, value: Any, accepted: tuple) -> Any:
         return value
     elif isinstance(value, str) and str in accepted:
         return value
+    elif (isinstance(value, (tuple, list)) and tuple in accepted
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
     names = " or ".join("None" if t is type(None) else t.__name__ for t in accepted)
     raise ConfigError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__})")
 

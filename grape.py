@@ -236,9 +236,15 @@ def rodrigues_apply(a: Tensor, b: Tensor, x: Tensor, c: Tensor | float = 1.0) ->
     alpha, beta, gamma = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
     f1, f2 = _rodrigues_coefficients(c, _plane_norm_squared(a, b))
     u, v = (a * x).sum(-1, keepdim=True), (b * x).sum(-1, keepdim=True)
-    f1, f2 = f1[..., None], f2[..., None]
-    alpha, beta, gamma = alpha[..., None], beta[..., None], gamma[..., None]
-    return x + f1 * (a * v - b * u) + f2 * (gamma * (a * v + b * u) - beta * a * u - alpha * b * v)
+    coef_a, coef_b = rodrigues_plane_coordinates(alpha[..., None], beta[..., None], gamma[..., None],
+                                                 f1[..., None], f2[..., None], u, v)
+    return x + coef_a * a + coef_b * b
+
+
+def rodrigues_plane_coordinates(alpha, beta, gamma, f1, f2, u, v):
+    """The update exp(cL)x - x = c_a a + c_b b in the plane's own vectors (Appendix I):
+    Lx = a v - b u and L²x = γ(a v + b u) - β a u - α b v, with u = a·x, v = b·x."""
+    return f1 * v + f2 * (gamma * v - beta * u), -f1 * u + f2 * (gamma * u - alpha * v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,6 +255,7 @@ class Encoding(nn.Module):
     """Base class: identity on q/k, no bias. Subclasses override ``forward``."""
     multiplicative = False   # rotates q/k
     additive = False         # returns a bias description
+    takes_coords = False     # forward accepts coords= (grid encodings: explicit token coordinates)
 
     def __init__(self, config):
         super().__init__()
@@ -308,20 +315,22 @@ class GrapeMLearnedBasis(GrapeM):
 
     S = 0 at init, so the encoding starts as RoPE (GRAPE-M) exactly; the planes then rotate
     away from the coordinate pairs while staying mutually orthogonal (so they commute and
-    the relative law stays exact)."""
+    the relative law stays exact). ``grape_basis_shared``: one E for all heads, as Algorithm 1
+    writes it (per-head spectra then come from ``grape_m_per_head``)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.basis_raw = nn.Parameter(torch.zeros(self.n_head, self.head_dim, self.head_dim))
+        n_bases = 1 if config.grape_basis_shared else self.n_head
+        self.basis_raw = nn.Parameter(torch.zeros(n_bases, self.head_dim, self.head_dim))
 
     def basis(self) -> Tensor:
         upper = torch.triu(self.basis_raw, diagonal=1)
-        return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2))      # (H, D, D)
+        return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2))      # (H|1, D, D)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         E = self.basis().to(q.dtype)
-        to_planes = lambda y: torch.einsum("bhtd,hde->bhte", y, E)           # coordinates in E
-        from_planes = lambda y: torch.einsum("bhte,hde->bhtd", y, E)
+        to_planes = lambda y: y @ E                                          # coordinates in E
+        from_planes = lambda y: y @ E.transpose(-1, -2)
         q, k, _ = super().forward(x, to_planes(q), to_planes(k), offset=offset)
         return from_planes(q), from_planes(k), None
 
@@ -548,17 +557,438 @@ class Composed(Encoding):
             raise ValueError("a composed pos_encoding is '<multiplicative>+<additive>', "
                              "e.g. 'rope+grape_ap' or 'grape_m+alibi'")
         self.multiplicative = self.additive = True
+        self.takes_coords = rotary.takes_coords or additive.takes_coords
         self.rotary, self.bias = rotary, additive
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
-        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache)
-        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache)
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+        def extra(part):
+            return {"coords": coords} if coords is not None and part.takes_coords else {}
+        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache, **extra(self.bias))
+        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache, **extra(self.rotary))
         return q, k, bias
 
 
 def _require_even(value: int, name: str, why: str) -> None:
     if value % 2:
         raise ValueError(f"{name}={value} must be even for {why}")
+
+
+# ----------------------------------------------------------------------------------------
+# The rest of the family: learned planes, grids, contextual phases, additive dictionary
+# ----------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Bias:
+    """Stand-in for the shared bias contract (same fields and methods) until it lands:
+    n_queries queries at offset.., keys ending with the last query; ``block(qs, ks)`` gives
+    b(t, j) for those queries x keys; ``score_mod`` a FlexAttention score_mod or None."""
+    n_queries: int
+    n_keys: int
+    offset: int
+
+    @property
+    def first_key(self) -> int:
+        return self.offset + self.n_queries - self.n_keys
+
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        return self.block(slice(None), slice(None))
+
+    def score_mod(self, batch: int, n_heads: int):
+        return None
+
+
+def running_phase(omega: Tensor, cache: Optional[LayerCache], name: str) -> Tensor:
+    """Φ_t = Σ_{ℓ<t} ω_ℓ along the last axis (exclusive prefix sum, §5), continued from the
+    running total that ``cache[name]`` keeps between decoding steps."""
+    inclusive = omega.cumsum(-1)
+    before = cache.get(name) if cache is not None else None
+    if before is not None:
+        inclusive = inclusive + before
+    if cache is not None:
+        cache.set(name, inclusive[..., -1:])
+    return inclusive - omega
+
+
+def butterfly_pairs(m: int) -> list[Tensor]:
+    """Coordinate pairs (i, i + 2^l) of layer l of a butterfly over m coordinates, as (2, n)
+    index tensors; after ⌈log2 m⌉ layers every coordinate has been mixed with every other."""
+    layers, step = [], 1
+    while step < m:
+        first = torch.tensor([i for i in range(m) if not i & step and i + step < m])
+        layers.append(torch.stack([first, first + step]))
+        step *= 2
+    return layers
+
+
+def unitary_butterfly(z_re: Tensor, z_im: Tensor, pairs: list[Tensor], m: int) -> tuple[Tensor, Tensor]:
+    """Q = B_L ⋯ B_1 ∈ U(m), returned as (Re Q, Im Q) of shape (..., m, m).
+
+    Layer l turns each of its complex coordinate pairs (i, j) by the SU(2) element
+    exp([[0, -z̄], [z, 0]]) = [[cos|z|, -z̄ sinc|z|], [z sinc|z|, cos|z|]], z = z_re + i z_im
+    of shape (..., L, ≥ n_pairs). Unitary for every z (by construction, not by a constraint);
+    z = 0 is the identity, and both real directions of z move the frame there (no dead
+    gradient at init, unlike an angle/phase parametrisation)."""
+    eye = torch.eye(m, dtype=z_re.dtype, device=z_re.device)
+    re = eye.expand(*z_re.shape[:-2], m, m)
+    im = torch.zeros_like(re)
+    one = torch.ones((), dtype=z_re.dtype, device=z_re.device)
+    for layer, index in enumerate(pairs):
+        i, j = index[0], index[1]
+        x, y = z_re[..., layer, :i.numel(), None], z_im[..., layer, :i.numel(), None]
+        s2 = x * x + y * y
+        sinc, f2 = _rodrigues_coefficients(one, s2)          # sin|z|/|z|, (1 - cos|z|)/|z|²
+        cos = 1 - s2 * f2
+        ri, ii, rj, ij = re[..., i, :], im[..., i, :], re[..., j, :], im[..., j, :]
+        new_ri = cos * ri - sinc * (x * rj + y * ij)         # row i - z̄ sinc · row j
+        new_ii = cos * ii - sinc * (x * ij - y * rj)
+        new_rj = cos * rj + sinc * (x * ri - y * ii)         # row j + z sinc · row i
+        new_ij = cos * ij + sinc * (x * ii + y * ri)
+        re = re.index_copy(-2, i, new_ri).index_copy(-2, j, new_rj)
+        im = im.index_copy(-2, i, new_ii).index_copy(-2, j, new_ij)
+    return re, im
+
+
+def raster_coordinates(pos: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """Raster index n -> grid coordinates (T, len(grid)); the last axis runs fastest.
+    (H, W): (n // W, n % W); (T, H, W): (n // HW, n // W % H, n % W)."""
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    cols = [pos // strides[0]] + [(pos // strides[a]) % grid[a] for a in range(1, len(grid))]
+    return torch.stack(cols, -1)
+
+
+def explicit_coordinates(coords: Tensor, n_tokens: int, n_axes: int) -> Tensor:
+    """Check user-given coordinates, (T, A) or (B, T, A), and return them as (B|1, T, A) float."""
+    c = coords if coords.dim() == 3 else coords.unsqueeze(0)
+    if c.dim() != 3 or c.shape[1] != n_tokens or c.shape[2] != n_axes:
+        raise ValueError(f"coords must be (T, {n_axes}) or (B, T, {n_axes}) for {n_tokens} tokens, "
+                         f"got {tuple(coords.shape)}")
+    return c.float()
+
+
+class GrapeMPlanes(Encoding):
+    """Commuting GRAPE-M with learned planes, applied by the Rodrigues closed form (§2.3-2.4,
+    Prop. 3.1, Appendix I).
+
+    Per head, d/2 planes (a_k, b_k = J a_k) whose a_k are the columns of a unitary frame
+    Q ∈ U(d/2) (R^d read as C^{d/2}, J = multiplication by i). Hermitian-orthonormal a_k make
+    the d vectors {a_k, J a_k} orthonormal, so the planes are mutually orthogonal *by
+    construction*: the rank-2 generators commute, G(n) = Π_k exp(-n θ_k L(a_k, J a_k)) =
+    I + Σ_k (exp(-n θ_k L_k) - I), and the relative law is exact. Q is a butterfly of complex
+    Givens rotations (``unitary_butterfly``; ⌈log2(d/2)⌉ layers per pass, ``grape_planes_depth``
+    passes), the identity at init: the planes start as RoPE's coordinate pairs.
+
+    Each plane is applied with its Rodrigues update (u = a·x, v = b·x, then x += c_a a + c_b b),
+    all planes at once as four (d/2 × d) products; neither G(n) nor a basis change is formed.
+    The sign: L(a, Ja) turns a away from Ja (§2.4: L|_U = -αJ), so RoPE's direction (a toward
+    Ja, this repository's ``rope``) is exp(-nθ L). Frequencies θ_{h,k} = θ_RoPE·exp(δ/s) per
+    head, δ = 0 at init (s = ``grape_log_freq_scale``, as GRAPE-M).
+
+    ``axes`` > 1 is the grid form (Appendix G, ``GrapeMGrid``): the planes are split into
+    contiguous groups, one per axis, and plane k turns by θ_k times its axis' coordinate.
+    """
+    multiplicative = True
+
+    def __init__(self, config, axes: int = 1):
+        super().__init__(config)
+        _require_even(self.head_dim, "head_dim", "rotary planes")
+        m = self.head_dim // 2
+        if not 1 <= axes <= m:
+            raise ValueError(f"{axes} position axes need 1 <= axes <= head_dim/2 = {m} planes")
+        if config.grape_planes_depth < 1:
+            raise ValueError(f"grape_planes_depth must be >= 1, got {config.grape_planes_depth}")
+        self.n_axes = axes
+        sizes = [m // axes + (a < m % axes) for a in range(axes)]
+        self.register_buffer("plane_axis", torch.repeat_interleave(torch.arange(axes), torch.tensor(sizes)),
+                             persistent=False)
+        # each axis gets RoPE's spectrum over its own planes (axial RoPE for grids)
+        self.register_buffer("inv_freq", torch.cat([rope_frequencies(2 * s, config.rope_base) for s in sizes]))
+        self.log_freq_scale = config.grape_log_freq_scale
+        self.log_freq = nn.Parameter(torch.zeros(self.n_head, m))
+        pairs = butterfly_pairs(m) * config.grape_planes_depth
+        for layer, index in enumerate(pairs):
+            self.register_buffer(f"butterfly_{layer}", index, persistent=False)
+        self.n_layers = len(pairs)
+        if self.n_layers:
+            self.frame_re = nn.Parameter(torch.zeros(self.n_head, self.n_layers, m // 2))
+            self.frame_im = nn.Parameter(torch.zeros(self.n_head, self.n_layers, m // 2))
+
+    def frequencies(self) -> Tensor:
+        return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)        # (H, d/2)
+
+    def planes(self) -> tuple[Tensor, Tensor]:
+        """a_k and b_k = J a_k of every head, (H, d/2, d) each, orthonormal."""
+        m = self.head_dim // 2
+        if self.n_layers:
+            pairs = [getattr(self, f"butterfly_{layer}") for layer in range(self.n_layers)]
+            re, im = unitary_butterfly(self.frame_re, self.frame_im, pairs, m)
+        else:
+            re = torch.eye(m, device=self.inv_freq.device).expand(self.n_head, m, m)
+            im = torch.zeros_like(re)
+        # column k of Q is a_k: a[2p] = Re Q[p, k], a[2p+1] = Im Q[p, k]; J a = (-Im, Re)
+        a = torch.stack((re, im), -1).transpose(-3, -2).flatten(-2)
+        b = torch.stack((-im, re), -1).transpose(-3, -2).flatten(-2)
+        return a, b
+
+    def coordinates(self, offset: int, n_tokens: int, device, coords: Optional[Tensor]) -> Tensor:
+        """Position of each token on each axis: (T, axes) or (B, T, axes)."""
+        if coords is not None:
+            raise ValueError("coords are for the grid encodings (grape_m_grid, grape_a_grid)")
+        return positions(offset, n_tokens, device)[:, None]
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+        coords = self.coordinates(offset, q.shape[2], q.device, coords).float()
+        plane_pos = coords[..., self.plane_axis].unsqueeze(-3)                       # (B|., 1, T, d/2)
+        angle = -plane_pos * self.frequencies()[:, None, :]                          # (B|., H, T, d/2)
+        a, b = self.planes()
+        return self.rotate(q, a, b, angle), self.rotate(k, a, b, angle), None
+
+    @staticmethod
+    def rotate(y: Tensor, a: Tensor, b: Tensor, angle: Tensor) -> Tensor:
+        """y + Σ_k (exp(angle_k L(a_k, b_k)) - I) y, plane by plane (valid: the planes are orthogonal)."""
+        alpha, beta, gamma = ((a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1))      # (H, d/2)
+        f1, f2 = _rodrigues_coefficients(angle, _plane_norm_squared(a, b)[:, None, :])
+        a_t, b_t = a.to(y.dtype), b.to(y.dtype)
+        u, v = y @ a_t.transpose(-1, -2), y @ b_t.transpose(-1, -2)                  # (B, H, T, d/2)
+        coef_a, coef_b = rodrigues_plane_coordinates(alpha[:, None, :], beta[:, None, :], gamma[:, None, :],
+                                                     f1, f2, u.float(), v.float())
+        return y + coef_a.to(y.dtype) @ a_t + coef_b.to(y.dtype) @ b_t
+
+
+class GrapeMGrid(GrapeMPlanes):
+    """2D/3D multiplicative GRAPE (Appendix G): G(u, v) = exp(u L^(x)) exp(v L^(y)) with one
+    commuting generator per axis, L^(axis) = Σ_{k in the axis' planes} θ_k L(a_k, J a_k) over
+    learned mutually orthogonal planes (``GrapeMPlanes``). At init the planes are the
+    coordinate pairs and the spectrum is RoPE's per axis: axial 2D/3D RoPE exactly.
+
+    Tokens sit on ``grid`` = (H, W) or (T, H, W) in raster order (coordinates derived from the
+    1D position), or at explicit ``coords`` (T or B, T, axes) passed to forward."""
+    takes_coords = True
+
+    def __init__(self, config):
+        self.grid = _require_grid(config)
+        super().__init__(config, axes=len(self.grid))
+
+    def coordinates(self, offset, n_tokens, device, coords):
+        if coords is not None:
+            return explicit_coordinates(coords.to(device), n_tokens, self.n_axes)
+        return raster_coordinates(positions(offset, n_tokens, device), self.grid)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with 0 (and a zero gradient, not NaN) at 0."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+@dataclass(eq=False)
+class GridDistanceBias(Bias):
+    """b_h(t, j) = -Σ_a α_{h,a} |c_a(t) - c_a(j)| ('abs') or -‖α_h ⊙ (c(t) - c(j))‖ ('radial')
+    from grid coordinates c of the queries and keys. Not low rank: backends evaluate ``block``."""
+    q_coords: Tensor = None             # (B|1, Tq, A) float
+    k_coords: Tensor = None             # (B|1, Tk, A) float
+    slopes: Tensor = None               # (H, A), ≥ 0
+    distance: str = "abs"
+
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        delta = self.q_coords[:, qs, None, :] - self.k_coords[:, None, ks, :]          # (B|1, nq, nk, A)
+        slopes = self.slopes.to(delta.dtype)
+        if self.distance == "abs":
+            return -torch.einsum("bqka,ha->bhqk", delta.abs(), slopes)
+        return -_safe_sqrt(torch.einsum("bqka,ha->bhqk", delta.square(), slopes.square()))
+
+    def score_mod(self, batch: int, n_heads: int):
+        qc = self.q_coords.float().expand(batch, -1, -1).contiguous()
+        kc = self.k_coords.float().expand(batch, -1, -1).contiguous()
+        slopes = self.slopes.float().contiguous()
+        radial = self.distance == "radial"
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            total = torch.zeros_like(score, dtype=torch.float32)
+            for a in range(qc.shape[-1]):
+                delta = qc[b, q_idx, a] - kc[b, kv_idx, a]
+                total = total + ((slopes[h, a] * delta).square() if radial else slopes[h, a] * delta.abs())
+            if radial:
+                total = _safe_sqrt(total)
+            return (score - total).to(score.dtype)
+
+        return score_mod
+
+
+class GrapeAGrid(Encoding):
+    """2D/3D additive GRAPE (Appendix G): the scalar offset m becomes a function of the
+    coordinate differences Δ_a = c_a(t) - c_a(j), with per-head, per-axis slopes
+    α_{h,a} = softplus(ω̂_{h,a})·m_h (m_h ALiBi's slope, softplus(ω̂) = 1 at init):
+
+    - ``grid_distance='abs'`` (default): b = -Σ_a α_{h,a}|Δ_a|, 2D ALiBi with a Manhattan
+      distance: in raster order the column offset Δ_v has either sign (a key in an earlier row
+      may lie right of the query), and a recency bias should penalise both;
+    - ``'signed'``: b = -Σ_a α_{h,a} Δ_a, the paper's m = α_x(u_t - u_j) + α_y(v_t - v_j): exactly
+      separable (a SeparableBias: the fast path), but it rewards keys to the right of the query;
+    - ``'radial'``: b = -‖α_h ⊙ Δ‖, the paper's 3D m = ‖r_t - r_j‖ (with per-axis scales).
+
+    Every form depends on the offset vector only (exact relative law); causality is the raster
+    order's mask. Coordinates as in ``GrapeMGrid``."""
+    additive = True
+    takes_coords = True
+    distances = ("abs", "signed", "radial")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.grid = _require_grid(config)
+        if config.grid_distance not in self.distances:
+            raise ValueError(f"grid_distance must be one of {self.distances}, got {config.grid_distance!r}")
+        self.distance = config.grid_distance
+        self.slope_raw = nn.Parameter(torch.full((self.n_head, len(self.grid)), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+
+    def axis_slopes(self) -> Tensor:
+        return F.softplus(self.slope_raw) * self.slopes[:, None]                     # (H, A)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+        B, _, Tq, _ = q.shape
+        n_keys = Tq + (cache.length if cache is not None else 0)
+        q_coords, k_coords = self.token_coordinates(B, Tq, n_keys, offset, q.device, cache, coords)
+        alpha = self.axis_slopes()
+        if self.distance == "signed":
+            cum_q = -(q_coords @ alpha.T).transpose(1, 2)                            # (B|1, H, Tq)
+            cum_k = -(k_coords @ alpha.T).transpose(1, 2)
+            return q, k, SeparableBias(positions(offset, Tq, q.device), n_keys, cum_q=cum_q, cum_k=cum_k)
+        return q, k, GridDistanceBias(Tq, n_keys, offset, q_coords=q_coords, k_coords=k_coords,
+                                      slopes=alpha, distance=self.distance)
+
+    def token_coordinates(self, B, Tq, n_keys, offset, device, cache, coords):
+        """(B|1, Tq, A) query and (B|1, Tk, A) key coordinates, float."""
+        stored = cache.get("grid_coords") if cache is not None else None
+        if coords is None:
+            if stored is not None:
+                raise ValueError("this cache holds explicit coords: pass coords for every chunk")
+            first_key = offset + Tq - n_keys
+            k_coords = raster_coordinates(positions(first_key, n_keys, device), self.grid)[None].float()
+            return k_coords[:, n_keys - Tq:], k_coords
+        q_coords = explicit_coordinates(coords.to(device), Tq, len(self.grid))
+        if cache is None:
+            return q_coords, q_coords
+        if cache.length and stored is None:
+            raise ValueError("explicit coords must be given from the first token of a cached sequence")
+        return q_coords, cache.extend("grid_coords", q_coords.expand(B, -1, -1), dim=1)
+
+
+def _require_grid(config) -> tuple[int, ...]:
+    grid = getattr(config, "grid", None)
+    if not grid or any(int(s) < 1 for s in grid):
+        raise ValueError(f"the grid encodings need grid=(H, W) or (T, H, W) with positive sizes, got {grid!r}")
+    return tuple(int(s) for s in grid)
+
+
+class GrapeAPhase(Encoding):
+    """Phase-modulated additive GRAPE (§5, 'Relation to GRAPE-A'): b_h(t, j) = -θ_h (Φ_t - Φ_j),
+    Φ_u = Σ_{ℓ<u} ω_ℓ, ω_ℓ = softplus(w·x_ℓ + b) ≥ 0 (one phase shared by the heads, or one
+    per head with ``grape_ctx_per_head``), θ_h = softplus(θ̂_h)·m_h ≥ 0.
+
+    Exactly separable, cum_q = -θ_h Φ_t and cum_k = -θ_h Φ_j: a SeparableBias (fast path); the
+    cache keeps the key-side sums and the running phase. Exact relative law in Φ. Init w = 0,
+    softplus(b) = softplus(θ̂) = 1: ω ≡ 1, Φ_u = u, and the bias is ALiBi's (the paper's
+    'a_ℓ ≡ 1' case) until the gate learns to stretch or shrink the clock."""
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.phase_proj = nn.Linear(config.n_embd, self.n_head if config.grape_ctx_per_head else 1, bias=True)
+        nn.init.zeros_(self.phase_proj.weight)
+        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1.0))
+        self.rate_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+
+    def rates(self) -> Tensor:
+        return F.softplus(self.rate_raw) * self.slopes                               # θ_h, (H,)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        omega = F.softplus(self.phase_proj(x).float()).transpose(1, 2)               # (B, H|1, T)
+        phi = running_phase(omega, cache, "grape_a_phase_total")
+        cum = -self.rates().view(1, -1, 1) * phi                                     # (B, H, T)
+        cum_k = cache.extend("grape_a_phase_cum", cum) if cache is not None else cum
+        return q, k, SeparableBias(positions(offset, q.shape[2], q.device), cum_k.shape[-1], cum_q=cum, cum_k=cum_k)
+
+
+class GrapeMContextualDictionary(Encoding):
+    """Multi-subspace / dictionary contextual GRAPE-M (§5 phases, Appendix A): R phase
+    channels Φ_{t,r} = Σ_{ℓ<t} ω_{ℓ,r}, ω_{ℓ,r} = softplus(w_r·x_ℓ + b_r) ≥ 0, drive a dictionary
+    of R commuting generators on RoPE's planes, L_{h,r} = Σ_i C_{h,r,i} θ_i L_i, and
+    G_h(t) = exp(Σ_r Φ_{t,r} L_{h,r}): plane i of head h turns by θ_i Σ_r C_{h,r,i} Φ_{t,r}.
+    The generators commute, so logits depend on the phase differences Φ_j - Φ_t only.
+
+    Init: C is the one-hot split of the planes into R contiguous frequency bands (the
+    multi-subspace form, each band with its own token-adaptive clock), w = 0, softplus(b) = 1:
+    every Φ_{t,r} = t and the encoding starts as RoPE. Learning C turns the bands into a
+    dictionary (a plane may follow a mixture of clocks). Channels shared by the heads, mixing
+    C per head. R = ``grape_ctx_dict_size``."""
+    multiplicative = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        _require_even(self.head_dim, "head_dim", "rotary")
+        m, R = self.head_dim // 2, config.grape_ctx_dict_size
+        if not 1 <= R <= m:
+            raise ValueError(f"grape_ctx_dict_size={R} needs 1 <= grape_ctx_dict_size <= head_dim/2 = {m}")
+        self.phase_proj = nn.Linear(config.n_embd, R, bias=True)
+        nn.init.zeros_(self.phase_proj.weight)
+        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1.0))
+        bands = F.one_hot(torch.arange(m) * R // m, R).T.float()                     # (R, d/2)
+        self.mix = nn.Parameter(bands.repeat(self.n_head, 1, 1))                     # (H, R, d/2)
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
+
+    def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
+        omega = F.softplus(self.phase_proj(x).float()).transpose(1, 2)               # (B, R, T)
+        return running_phase(omega, cache, "grape_ctx_dict_total")
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0):
+        phi = self.phases(x, cache) + torch.as_tensor(phase_offset, device=x.device).reshape(-1, 1)
+        angle = torch.einsum("brt,hri->bhti", phi, self.mix) * self.inv_freq         # (B, H, T, d/2)
+        return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+
+class GrapeADictionary(Encoding):
+    """Commuting additive dictionary (§4, Appendix J.3 'dictionary closure'): R content-gated
+    rank-1 unipotent atoms A_r with A_r A_s = 0 for all r, s, so Σ_r is still index-2 nilpotent,
+    exp(m Σ_r A_r) = I + m Σ_r A_r, and the law stays exactly relative:
+
+        b_h(t, j) = -(t - j) Σ_r ω_{h,r} (λ_{q,r}(q_t) + λ_{k,r}(k_j)),
+
+    λ_{q,r} = softplus(v̂_{h,r}·q_t/√d), λ_{k,r} = softplus(û_{h,r}·k_j/√d) (gate vectors
+    L2-normalised when used, as GRAPE-A), ω_{h,r} = softplus(ω̂_{h,r})·m_h / R with
+    softplus(ω̂) = 1 at init: R atoms share ALiBi's slope, so the summed rate starts where
+    GRAPE-A-QK's does. A sum of softplus gates is a richer, still non-negative rate. Separable
+    (query- and key-side slopes): the fast path; the cache keeps the key-side slope."""
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        R, d = config.grape_a_dict_size, self.head_dim
+        if R < 1:
+            raise ValueError(f"grape_a_dict_size must be >= 1, got {R}")
+        self.gate_q = nn.Parameter(torch.randn(self.n_head, R, d) / math.sqrt(d))
+        self.gate_k = nn.Parameter(torch.randn(self.n_head, R, d) / math.sqrt(d))
+        self.weight_raw = nn.Parameter(torch.full((self.n_head, R), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+
+    def weights(self) -> Tensor:
+        return F.softplus(self.weight_raw) * self.slopes[:, None] / self.weight_raw.shape[1]   # (H, R)
+
+    def rate(self, gate: Tensor, y: Tensor) -> Tensor:
+        """Σ_r ω_{h,r} softplus(ĝ_{h,r}·y/√d), (B, H, T)."""
+        unit = F.normalize(gate.float(), dim=-1)
+        lam = F.softplus(torch.einsum("bhtd,hrd->bhtr", y.float(), unit) / math.sqrt(self.head_dim))
+        return (lam * self.weights()[:, None, :]).sum(-1)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        slope_k = self.rate(self.gate_k, k)
+        if cache is not None:
+            slope_k = cache.extend("grape_a_dict_slope_k", slope_k)
+        return q, k, SeparableBias(positions(offset, q.shape[2], q.device), slope_k.shape[-1],
+                                   slope_q=self.rate(self.gate_q, q), slope_k=slope_k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -578,7 +1008,14 @@ ENCODINGS = {
     "grape_a_k": lambda c: GrapeA(c, "k"),
     "grape_a_qk": lambda c: GrapeA(c, "qk"),
     "grape_ap": GrapeAP,
+    "grape_m_planes": GrapeMPlanes,
+    "grape_m_grid": GrapeMGrid,
+    "grape_m_ctx_dict": GrapeMContextualDictionary,
+    "grape_a_grid": GrapeAGrid,
+    "grape_a_phase": GrapeAPhase,
+    "grape_a_dict": GrapeADictionary,
 }
+GRID_ENCODINGS = ("grape_m_grid", "grape_a_grid")     # need GPTConfig.grid
 
 
 def check_encoding_name(name: str) -> list[str]:

@@ -7,7 +7,7 @@ the classes are ``transformers`` config/model classes so ``save_pretrained`` /
 """
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,9 +18,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from attention import attend
 from generation import StreamingGenerationMixin, hf_forward, sample
-from grape import LayerCache, build_encoding, check_encoding_name
+from grape import GRID_ENCODINGS, LayerCache, build_encoding, check_encoding_name
 
-ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis")
+ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_planes", "grape_m_grid",
+                    "grape_m_ctx_dict")
 
 # The original repository's model_type strings, mapped onto pos_encoding.
 LEGACY_MODEL_TYPES = {
@@ -66,8 +67,14 @@ class GPTConfig(PretrainedConfig):
     rope_base: float = 10000.0
     grape_log_freq_scale: float = 16.0        # GRAPE-M: stored log-frequency is divided by this
     grape_m_per_head: bool = False            # GRAPE-M: one spectrum per head instead of shared
-    grape_ctx_per_head: bool = False          # GRAPE-M-ctx: one phase increment per head
+    grape_basis_shared: bool = False          # grape_m_basis: one basis E for all heads (Algorithm 1)
+    grape_planes_depth: int = 1               # grape_m_planes/grid: butterfly passes of the plane frame
+    grape_ctx_per_head: bool = False          # GRAPE-M-ctx, grape_a_phase: one phase increment per head
+    grape_ctx_dict_size: int = 4              # grape_m_ctx_dict: phase channels (frequency bands)
     grape_nc_planes: int = 4                  # non-commuting GRAPE-M: rank-2 generators per head
+    grape_a_dict_size: int = 4                # grape_a_dict: gated additive atoms per head
+    grid: Optional[Union[tuple[int, ...], list[int]]] = None   # grid encodings: (H, W) or (T, H, W), raster order
+    grid_distance: str = "abs"                # grape_a_grid: abs | signed | radial
     p_head_dim: int = 8                       # GRAPE-AP probe width
     p_tie_mode: str = "none"                  # GRAPE-AP: none | pq | pk | pv
     use_qk_rmsnorm: bool = True
@@ -81,6 +88,8 @@ class GPTConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
             self.head_dim = self.n_embd // self.n_head
+        if self.grid is not None:
+            self.grid = tuple(self.grid)       # a list after a JSON round trip
         super().__post_init__(**kwargs)
         self.check()
 
@@ -95,6 +104,25 @@ class GPTConfig(PretrainedConfig):
             raise ValueError(f"p_head_dim={self.p_head_dim} must be even (GRAPE-AP probes rotate in planes)")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        self.check_grid(parts)
+
+    def check_grid(self, parts) -> None:
+        on_grid = [p for p in parts if p in GRID_ENCODINGS]
+        if on_grid and self.grid is None:
+            raise ValueError(f"pos_encoding {self.pos_encoding!r} places tokens on a grid: set grid=(H, W) "
+                             "or (T, H, W) (tokens in raster order)")
+        if self.grid is None:
+            return
+        if not on_grid:
+            raise ValueError(f"grid={self.grid} is used only by the grid encodings {GRID_ENCODINGS}, "
+                             f"not by pos_encoding {self.pos_encoding!r}")
+        if not self.grid or any(s < 1 for s in self.grid):
+            raise ValueError(f"grid sizes must be positive, got {self.grid}")
+        if self.block_size > math.prod(self.grid):
+            raise ValueError(f"grid={self.grid} holds {math.prod(self.grid)} tokens, fewer than "
+                             f"block_size={self.block_size}")
+        if self.grid_distance not in ("abs", "signed", "radial"):
+            raise ValueError(f"grid_distance must be abs, signed or radial, got {self.grid_distance!r}")
 
 
 class RMSNorm(nn.Module):
@@ -158,11 +186,12 @@ class Attention(nn.Module):
             v = self.v_shift(x, v, cache)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.project(x, cache)
         offset = cache.length if cache is not None else 0
-        q, k, bias = self.pos(x, q, k, v=v, offset=offset, cache=cache)
+        extra = {} if coords is None else {"coords": coords}      # grid encodings: explicit positions
+        q, k, bias = self.pos(x, q, k, v=v, offset=offset, cache=cache, **extra)
         if cache is not None:
             k, v = cache.extend("k", k), cache.extend("v", v)
             cache.length += T
@@ -191,8 +220,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, coords)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -239,11 +268,13 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
     # -- forward ----------------------------------------------------------------------
     def forward(self, idx: Optional[Tensor] = None, targets: Optional[Tensor] = None,
                 caches: Optional[list[LayerCache]] = None, logits_to_keep: int = 0, *,
-                input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
+                coords: Optional[Tensor] = None, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
                 return_dict=None, **kwargs):
         """``model(idx, targets, caches)`` -> ``(logits, loss)``. With ``caches`` (one
         ``LayerCache`` per layer, see ``new_caches``) the tokens continue the cached sequence.
         ``logits_to_keep=n`` computes logits for the last n positions only (decoding).
+        ``coords`` (T, axes) or (B, T, axes): explicit token coordinates for the grid encodings
+        (default: raster order on ``config.grid``).
 
         Called the transformers way (``input_ids=``, ``past_key_values=``, ``use_cache=``,
         ``attention_mask=``, ``return_dict=``, as ``generate()`` does) it returns a
@@ -258,9 +289,11 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size="
                              f"{self.config.block_size}; load the model with a larger block_size "
                              "to evaluate beyond the training context")
+        if coords is not None and self.config.grid is None:
+            raise ValueError("coords are token coordinates for the grid encodings; this model has no grid")
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches is not None else None)
+            x = block(x, caches[i] if caches is not None else None, coords)
         if logits_to_keep:
             if targets is not None:
                 raise ValueError("logits_to_keep and targets cannot be combined (the loss needs every logit)")
