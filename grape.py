@@ -577,6 +577,11 @@ def _require_even(value: int, name: str, why: str) -> None:
 # The rest of the family: learned planes, grids, contextual phases, additive dictionary
 # ----------------------------------------------------------------------------------------
 
+def _float(t: Tensor) -> Tensor:
+    """At least float32 (bf16/fp16 -> float32; float64 stays, for gradient checks)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @dataclass(eq=False)
 class Bias:
     """Stand-in for the shared bias contract (same fields and methods) until it lands:
@@ -753,7 +758,7 @@ class GrapeMPlanes(Encoding):
         a_t, b_t = a.to(y.dtype), b.to(y.dtype)
         u, v = y @ a_t.transpose(-1, -2), y @ b_t.transpose(-1, -2)                  # (B, H, T, d/2)
         coef_a, coef_b = rodrigues_plane_coordinates(alpha[:, None, :], beta[:, None, :], gamma[:, None, :],
-                                                     f1, f2, u.float(), v.float())
+                                                     f1, f2, _float(u), _float(v))
         return y + coef_a.to(y.dtype) @ a_t + coef_b.to(y.dtype) @ b_t
 
 
@@ -793,11 +798,12 @@ class GridDistanceBias(Bias):
     distance: str = "abs"
 
     def block(self, qs: slice, ks: slice) -> Tensor:
-        delta = self.q_coords[:, qs, None, :] - self.k_coords[:, None, ks, :]          # (B|1, nq, nk, A)
-        slopes = self.slopes.to(delta.dtype)
-        if self.distance == "abs":
-            return -torch.einsum("bqka,ha->bhqk", delta.abs(), slopes)
-        return -_safe_sqrt(torch.einsum("bqka,ha->bhqk", delta.square(), slopes.square()))
+        slopes = _float(self.slopes)
+        delta = (self.q_coords[:, qs, None, :] - self.k_coords[:, None, ks, :]).to(slopes.dtype)   # (B|1, nq, nk, A)
+        per_axis = slopes[None, :, None, None, :]                                      # (1, H, 1, 1, A)
+        if self.distance == "abs":            # elementwise (autocast would take an einsum to bf16)
+            return -(delta.abs().unsqueeze(1) * per_axis).sum(-1)
+        return -_safe_sqrt((delta.unsqueeze(1) * per_axis).square().sum(-1))
 
     def score_mod(self, batch: int, n_heads: int):
         qc = self.q_coords.float().expand(batch, -1, -1).contiguous()
@@ -853,8 +859,9 @@ class GrapeAGrid(Encoding):
         q_coords, k_coords = self.token_coordinates(B, Tq, n_keys, offset, q.device, cache, coords)
         alpha = self.axis_slopes()
         if self.distance == "signed":
-            cum_q = -(q_coords @ alpha.T).transpose(1, 2)                            # (B|1, H, Tq)
-            cum_k = -(k_coords @ alpha.T).transpose(1, 2)
+            # elementwise, not a matmul: autocast would round the coordinates to bf16
+            cum_q = -(q_coords.unsqueeze(-2) * alpha).sum(-1).transpose(1, 2)           # (B|1, H, Tq)
+            cum_k = -(k_coords.unsqueeze(-2) * alpha).sum(-1).transpose(1, 2)
             return q, k, SeparableBias(positions(offset, Tq, q.device), n_keys, cum_q=cum_q, cum_k=cum_k)
         return q, k, GridDistanceBias(Tq, n_keys, offset, q_coords=q_coords, k_coords=k_coords,
                                       slopes=alpha, distance=self.distance)
@@ -906,7 +913,7 @@ class GrapeAPhase(Encoding):
         return F.softplus(self.rate_raw) * self.slopes                               # θ_h, (H,)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
-        omega = F.softplus(self.phase_proj(x).float()).transpose(1, 2)               # (B, H|1, T)
+        omega = F.softplus(_float(self.phase_proj(x))).transpose(1, 2)               # (B, H|1, T)
         phi = running_phase(omega, cache, "grape_a_phase_total")
         cum = -self.rates().view(1, -1, 1) * phi                                     # (B, H, T)
         cum_k = cache.extend("grape_a_phase_cum", cum) if cache is not None else cum
@@ -941,12 +948,13 @@ class GrapeMContextualDictionary(Encoding):
         self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
 
     def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
-        omega = F.softplus(self.phase_proj(x).float()).transpose(1, 2)               # (B, R, T)
+        omega = F.softplus(_float(self.phase_proj(x))).transpose(1, 2)               # (B, R, T)
         return running_phase(omega, cache, "grape_ctx_dict_total")
 
     def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0):
         phi = self.phases(x, cache) + torch.as_tensor(phase_offset, device=x.device).reshape(-1, 1)
-        angle = torch.einsum("brt,hri->bhti", phi, self.mix) * self.inv_freq         # (B, H, T, d/2)
+        with torch.autocast(x.device.type, enabled=False):                           # angles need fp32
+            angle = torch.einsum("brt,hri->bhti", phi, _float(self.mix)) * self.inv_freq   # (B, H, T, d/2)
         return rotate_pairs(q, angle), rotate_pairs(k, angle), None
 
 
@@ -979,8 +987,8 @@ class GrapeADictionary(Encoding):
 
     def rate(self, gate: Tensor, y: Tensor) -> Tensor:
         """Σ_r ω_{h,r} softplus(ĝ_{h,r}·y/√d), (B, H, T)."""
-        unit = F.normalize(gate.float(), dim=-1)
-        lam = F.softplus(torch.einsum("bhtd,hrd->bhtr", y.float(), unit) / math.sqrt(self.head_dim))
+        unit = F.normalize(_float(gate), dim=-1)
+        lam = F.softplus(torch.einsum("bhtd,hrd->bhtr", _float(y), unit.to(_float(y).dtype)) / math.sqrt(self.head_dim))
         return (lam * self.weights()[:, None, :]).sum(-1)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
