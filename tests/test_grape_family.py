@@ -121,7 +121,8 @@ def test_planes_start_as_rope_logits_to_float_rounding():
     rope = GPT(GPTConfig(pos_encoding="rope", **cfg))
     planes = GPT(GPTConfig(pos_encoding="grape_m_planes", **cfg))
     missing, unexpected = planes.load_state_dict(rope.state_dict(), strict=False)
-    assert unexpected == [] and all(m.split(".")[-1] in ("log_freq", "frame_re", "frame_im") for m in missing)
+    learned = ("log_freq", "frame_re", "frame_im", "plane_axis", "butterfly")
+    assert unexpected == [] and all(m.split(".")[-1] in learned for m in missing)
     idx = torch.randint(0, 64, (2, 300))
     with torch.no_grad():
         torch.testing.assert_close(planes(idx)[0], rope(idx)[0], atol=2e-5, rtol=1e-5)
@@ -356,6 +357,10 @@ def test_grid_model_with_explicit_coords_decodes_from_the_cache_like_the_full_fo
 
 # ---- contextual phases (§5, App. A) --------------------------------------------------------
 
+def clock(z):
+    return 2 / (1 + torch.exp(-z))
+
+
 def phases_by_loop(x, w, b, link):
     """Φ[bi][r][t] = Σ_{ℓ<t} link(w_r·x_ℓ + b_r)."""
     out = []
@@ -372,7 +377,7 @@ def test_phase_modulated_additive_bias_is_minus_rate_times_phase_difference():
     enc = perturb(GrapeAPhase(config("grape_a_phase")))
     x, q, k = inputs()
     _, _, bias = enc(x, q, k, offset=5)
-    phi = phases_by_loop(x, enc.phase_proj.weight, enc.phase_proj.bias, F.softplus)
+    phi = phases_by_loop(x, enc.phase_proj.weight, enc.phase_proj.bias, clock)
     rate = (F.softplus(enc.rate_raw.double()) * alibi_slopes(H).double()).detach()
     got = bias.dense().double()
     for bi in range(B):
@@ -400,7 +405,7 @@ def test_contextual_dictionary_logits_follow_the_phase_differences():
     enc = perturb(GrapeMContextualDictionary(config("grape_m_ctx_dict", grape_ctx_dict_size=3)))
     x, q, k = inputs()
     got = dense_logits(*enc(x, q, k)[:2])
-    phi = phases_by_loop(x, enc.phase_proj.weight, enc.phase_proj.bias, F.softplus)
+    phi = phases_by_loop(x, enc.phase_proj.weight, enc.phase_proj.bias, clock)
     C_mix, theta = enc.mix.detach().double(), rope_frequencies(D, 10000.0).double()
     for bi in range(B):
         for h in range(H):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grape import ENCODINGS
+from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig, LEGACY_MODEL_TYPES, settings_from_model_type
 
 ALL = sorted(ENCODINGS)
@@ -12,6 +12,8 @@ V = 97
 
 
 def tiny(pos_encoding, shift=False, **kw):
+    if pos_encoding in GRID_ENCODINGS:
+        kw.setdefault("grid", (8, 8))               # 64 tokens in raster order
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=64,
                     pos_encoding=pos_encoding, use_k_shift=shift, use_v_shift=shift, **kw)
     torch.manual_seed(0)
@@ -22,7 +24,7 @@ def tiny(pos_encoding, shift=False, **kw):
 @pytest.mark.parametrize("name", ALL)
 def test_causality_future_tokens_change_no_earlier_logit(name, shift):
     model = tiny(name, shift)
-    if name == "grape_m_ctx":     # make the phase depend on content, so the check has teeth
+    if name in ("grape_m_ctx", "grape_m_ctx_dict", "grape_a_phase"):   # content-dependent phases: teeth
         for block in model.transformer.h:
             torch.nn.init.normal_(block.attn.pos.phase_proj.weight, std=1.0)
     idx = torch.randint(0, V, (2, 24))
