@@ -706,17 +706,21 @@ class GrapeMPlanes(Encoding):
             raise ValueError(f"grape_planes_depth must be >= 1, got {config.grape_planes_depth}")
         self.n_axes = axes
         sizes = [m // axes + (a < m % axes) for a in range(axes)]
-        self.register_buffer("plane_axis", torch.repeat_interleave(torch.arange(axes), torch.tensor(sizes)),
-                             persistent=False)
+        # buffers are persistent: from_pretrained builds the model on the meta device and only
+        # fills what the checkpoint holds
+        self.register_buffer("plane_axis", torch.tensor([a for a, n in enumerate(sizes) for _ in range(n)]))
         # each axis gets RoPE's spectrum over its own planes (axial RoPE for grids)
         self.register_buffer("inv_freq", torch.cat([rope_frequencies(2 * s, config.rope_base) for s in sizes]))
         self.log_freq_scale = config.grape_log_freq_scale
         self.log_freq = nn.Parameter(torch.zeros(self.n_head, m))
         pairs = butterfly_pairs(m) * config.grape_planes_depth
-        for layer, index in enumerate(pairs):
-            self.register_buffer(f"butterfly_{layer}", index, persistent=False)
+        self.pair_counts = [index.shape[1] for index in pairs]
         self.n_layers = len(pairs)
         if self.n_layers:
+            padded = torch.zeros(self.n_layers, 2, m // 2, dtype=torch.long)
+            for layer, index in enumerate(pairs):
+                padded[layer, :, :index.shape[1]] = index
+            self.register_buffer("butterfly", padded)
             self.frame_re = nn.Parameter(torch.zeros(self.n_head, self.n_layers, m // 2))
             self.frame_im = nn.Parameter(torch.zeros(self.n_head, self.n_layers, m // 2))
 
@@ -727,7 +731,7 @@ class GrapeMPlanes(Encoding):
         """a_k and b_k = J a_k of every head, (H, d/2, d) each, orthonormal."""
         m = self.head_dim // 2
         if self.n_layers:
-            pairs = [getattr(self, f"butterfly_{layer}") for layer in range(self.n_layers)]
+            pairs = [self.butterfly[layer, :, :n] for layer, n in enumerate(self.pair_counts)]
             re, im = unitary_butterfly(self.frame_re, self.frame_im, pairs, m)
         else:
             re = torch.eye(m, device=self.inv_freq.device).expand(self.n_head, m, m)
@@ -890,22 +894,29 @@ def _require_grid(config) -> tuple[int, ...]:
     return tuple(int(s) for s in grid)
 
 
+def clock_rate(logit: Tensor) -> Tensor:
+    """ω = 2·sigmoid(logit) ∈ (0, 2): a token-driven clock that may stop or run up to twice as
+    fast as the position counter, exactly 1 at logit 0 (so the encodings start as RoPE/ALiBi),
+    and bounded, so phases cannot blow up at long context."""
+    return 2 * torch.sigmoid(_float(logit))
+
+
 class GrapeAPhase(Encoding):
     """Phase-modulated additive GRAPE (§5, 'Relation to GRAPE-A'): b_h(t, j) = -θ_h (Φ_t - Φ_j),
-    Φ_u = Σ_{ℓ<u} ω_ℓ, ω_ℓ = softplus(w·x_ℓ + b) ≥ 0 (one phase shared by the heads, or one
+    Φ_u = Σ_{ℓ<u} ω_ℓ, ω_ℓ = 2·sigmoid(w·x_ℓ + b) ≥ 0 (one phase shared by the heads, or one
     per head with ``grape_ctx_per_head``), θ_h = softplus(θ̂_h)·m_h ≥ 0.
 
     Exactly separable, cum_q = -θ_h Φ_t and cum_k = -θ_h Φ_j: a SeparableBias (fast path); the
     cache keeps the key-side sums and the running phase. Exact relative law in Φ. Init w = 0,
-    softplus(b) = softplus(θ̂) = 1: ω ≡ 1, Φ_u = u, and the bias is ALiBi's (the paper's
-    'a_ℓ ≡ 1' case) until the gate learns to stretch or shrink the clock."""
+    b = 0, softplus(θ̂) = 1: ω ≡ 1, Φ_u = u, and the bias is ALiBi's (the paper's 'a_ℓ ≡ 1'
+    case) until the gate learns to stretch or shrink the clock."""
     additive = True
 
     def __init__(self, config):
         super().__init__(config)
         self.phase_proj = nn.Linear(config.n_embd, self.n_head if config.grape_ctx_per_head else 1, bias=True)
         nn.init.zeros_(self.phase_proj.weight)
-        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1.0))
+        nn.init.zeros_(self.phase_proj.bias)
         self.rate_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
         self.register_buffer("slopes", alibi_slopes(self.n_head))
 
@@ -913,7 +924,7 @@ class GrapeAPhase(Encoding):
         return F.softplus(self.rate_raw) * self.slopes                               # θ_h, (H,)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
-        omega = F.softplus(_float(self.phase_proj(x))).transpose(1, 2)               # (B, H|1, T)
+        omega = clock_rate(self.phase_proj(x)).transpose(1, 2)                        # (B, H|1, T)
         phi = running_phase(omega, cache, "grape_a_phase_total")
         cum = -self.rates().view(1, -1, 1) * phi                                     # (B, H, T)
         cum_k = cache.extend("grape_a_phase_cum", cum) if cache is not None else cum
@@ -922,13 +933,13 @@ class GrapeAPhase(Encoding):
 
 class GrapeMContextualDictionary(Encoding):
     """Multi-subspace / dictionary contextual GRAPE-M (§5 phases, Appendix A): R phase
-    channels Φ_{t,r} = Σ_{ℓ<t} ω_{ℓ,r}, ω_{ℓ,r} = softplus(w_r·x_ℓ + b_r) ≥ 0, drive a dictionary
+    channels Φ_{t,r} = Σ_{ℓ<t} ω_{ℓ,r}, ω_{ℓ,r} = 2·sigmoid(w_r·x_ℓ + b_r) ≥ 0, drive a dictionary
     of R commuting generators on RoPE's planes, L_{h,r} = Σ_i C_{h,r,i} θ_i L_i, and
     G_h(t) = exp(Σ_r Φ_{t,r} L_{h,r}): plane i of head h turns by θ_i Σ_r C_{h,r,i} Φ_{t,r}.
     The generators commute, so logits depend on the phase differences Φ_j - Φ_t only.
 
     Init: C is the one-hot split of the planes into R contiguous frequency bands (the
-    multi-subspace form, each band with its own token-adaptive clock), w = 0, softplus(b) = 1:
+    multi-subspace form, each band with its own token-adaptive clock), w = 0, b = 0:
     every Φ_{t,r} = t and the encoding starts as RoPE. Learning C turns the bands into a
     dictionary (a plane may follow a mixture of clocks). Channels shared by the heads, mixing
     C per head. R = ``grape_ctx_dict_size``."""
@@ -942,13 +953,13 @@ class GrapeMContextualDictionary(Encoding):
             raise ValueError(f"grape_ctx_dict_size={R} needs 1 <= grape_ctx_dict_size <= head_dim/2 = {m}")
         self.phase_proj = nn.Linear(config.n_embd, R, bias=True)
         nn.init.zeros_(self.phase_proj.weight)
-        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1.0))
+        nn.init.zeros_(self.phase_proj.bias)
         bands = F.one_hot(torch.arange(m) * R // m, R).T.float()                     # (R, d/2)
         self.mix = nn.Parameter(bands.repeat(self.n_head, 1, 1))                     # (H, R, d/2)
         self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
 
     def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
-        omega = F.softplus(_float(self.phase_proj(x))).transpose(1, 2)               # (B, R, T)
+        omega = clock_rate(self.phase_proj(x)).transpose(1, 2)                        # (B, R, T)
         return running_phase(omega, cache, "grape_ctx_dict_total")
 
     def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0):
