@@ -18,6 +18,9 @@ Peak memory:
 
     python bench_attention.py --quick
     python bench_attention.py --device cpu --T 512 1024 2048 4096 --out BENCHMARKS.md
+    python bench_attention.py --family --T 1024 4096 --out BENCHMARKS.md     # the rest of the GRAPE family
+
+Grid encodings run on a grid of rows of 64 tokens (T // 64, 64).
 """
 from __future__ import annotations
 
@@ -33,16 +36,22 @@ import time
 import torch
 
 import attention
+import grape
 from model import GPT, Attention, GPTConfig
 
 ENCODINGS = ["nope", "rope", "grape_m", "grape_m_ctx", "alibi", "fox",
              "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
+# --family: learned planes against the d x d learned basis and RoPE; grids, phases, dictionaries
+FAMILY = ["grape_m_basis", "grape_m_planes", "grape_m_grid", "grape_m_ctx_dict",
+          "alibi", "grape_a_grid", "grape_a_phase", "grape_a_dict"]
 SECTION = "## Attention (CPU)"
+FAMILY_SECTION = "## Attention (CPU): the rest of the GRAPE family"
 
 
 def config_for(encoding: str, backend: str, T: int) -> GPTConfig:
+    on_grid = any(part in grape.GRID_ENCODINGS for part in encoding.split("+"))
     return GPTConfig(n_layer=2, n_embd=256, n_head=4, block_size=T, vocab_size=50304,
-                     pos_encoding=encoding, attn_backend=backend)
+                     pos_encoding=encoding, attn_backend=backend, grid=(T // 64, 64) if on_grid else None)
 
 
 def make_step(what: str, config: GPTConfig, device):
@@ -179,6 +188,8 @@ def table(results: dict, what: str, Ts, encodings) -> list[str]:
 
 def report(results, args, Ts, encodings, elapsed) -> str:
     head = SECTION if args.device == "cpu" else f"## Attention ({args.device.upper()})"
+    if args.family:
+        head = FAMILY_SECTION.replace("CPU", args.device.upper()) if args.device != "cpu" else FAMILY_SECTION
     cmd = "python " + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
     lines = [head, "",
              f"Machine: {machine_description(args.device)}.",
@@ -215,7 +226,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    ap.add_argument("--encodings", nargs="+", default=ENCODINGS, choices=ENCODINGS)
+    ap.add_argument("--encodings", nargs="+", default=ENCODINGS, choices=sorted(grape.ENCODINGS))
+    ap.add_argument("--family", action="store_true", help=f"the encodings {FAMILY}, in their own section")
     ap.add_argument("--what", nargs="+", default=["layer", "model"], choices=["layer", "model"])
     ap.add_argument("--backends", nargs="+", default=["auto", "dense"], choices=["auto", "dense"])
     ap.add_argument("--repeats", type=int, default=3)
@@ -225,6 +237,8 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.T, args.encodings, args.repeats = [256, 512], ["rope", "alibi", "grape_ap"], 1
+    if args.family:
+        args.encodings = FAMILY
     encodings = list(dict.fromkeys(["rope", *args.encodings]))      # RoPE is the yardstick
     print(machine_description(args.device), flush=True)
     results, start, done = {}, time.perf_counter(), []
