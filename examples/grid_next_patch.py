@@ -44,7 +44,7 @@ def rectangles(n_images: int, size: int, generator: torch.Generator, n_rects: in
 def model_config(encoding: str, size: int, width: int) -> GPTConfig:
     grid = (size, size) if "grid" in encoding else None
     return GPTConfig(n_layer=2, n_head=4, n_embd=width, vocab_size=COLOURS, block_size=size * size,
-                     pos_encoding=encoding, grid=grid)
+                     pos_encoding=encoding, grid=grid, bos_token_id=0, eos_token_id=0)   # no <|endoftext|> in 8 colours
 
 
 def loss_on(model: GPT, images: torch.Tensor) -> float:
@@ -92,18 +92,21 @@ def parse_args(argv=None):
     p.add_argument("--encodings", nargs="+", default=ENCODINGS)
     p.add_argument("--train_size", type=int, default=12, help="training images are size x size")
     p.add_argument("--eval_size", type=int, default=16, help="also evaluate on larger images")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--eval_images", type=int, default=256)
     p.add_argument("--width", type=int, default=64, help="n_embd (4 heads)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a model this small gains little from more)")
     p.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     uniform = torch.log(torch.tensor(float(COLOURS))).item()
     print(f"next-pixel loss in nats (uniform guess {uniform:.3f}); {args.steps} steps of {args.batch_size} "
           f"images {args.train_size}x{args.train_size}", flush=True)
@@ -130,8 +133,10 @@ def write_section(args, text: str) -> None:
             f"of {args.batch_size} images of {args.train_size}x{args.train_size}; loss (nats/pixel, uniform = "
             f"{torch.log(torch.tensor(float(COLOURS))).item():.3f}) on {args.eval_images} fresh images at the "
             f"training size and, with the same weights, at {args.eval_size}x{args.eval_size}.\n\n"
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
-            f"jobs, torch {torch.__version__}. Command: `{command.strip()}`\n\n{text}\n")
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {args.threads} thread(s); load average {os.getloadavg()[1]:.1f} over the last "
+            f"5 minutes of the run (other jobs on the machine stretch the times, not the losses). One seed. "
+            f"Command: `{command.strip()}`\n\n{text}\n")
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
     if SECTION in old:
         start = old.index(SECTION)

@@ -551,3 +551,20 @@ def test_fast_path_matches_dense_at_long_length(name):
         q2, k2, full_bias = enc(x, q, k)
         full = dense_attention(q2, k2, v, full_bias)
     torch.testing.assert_close(tail, full[:, :, 200:], atol=2e-5, rtol=1e-4)
+
+
+def test_grid_example_runs_at_toy_size():
+    """examples/grid_next_patch.py end to end at a toy size (the real run is about a minute)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "grid_next_patch.py")
+    spec = importlib.util.spec_from_file_location("grid_next_patch", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    images = example.rectangles(3, 6, torch.Generator().manual_seed(0))
+    assert images.shape == (3, 36) and images.max() < example.COLOURS and (images > 0).any()
+    results = example.main(["--steps", "3", "--train_size", "4", "--eval_size", "6", "--batch_size", "2",
+                            "--eval_images", "4", "--width", "16", "--encodings", "rope", "grape_m_grid+grape_a_grid"])
+    assert [r["encoding"] for r in results] == ["rope", "grape_m_grid+grape_a_grid"]
+    for r in results:
+        assert 0 < r["train_size"] < 5 and 0 < r["eval_size"] < 5
