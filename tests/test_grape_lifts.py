@@ -162,6 +162,26 @@ def test_grape_a_equals_gated_unipotent_lift_in_gl_d_plus_2(gates):
     assert (lam_q + lam_k).std() > 0.05
 
 
+@pytest.mark.parametrize("gates", ["q", "k", "qk"])
+def test_grape_a_fast_path_at_long_length_uses_the_lifted_bias(gates):
+    """T = 300 (the chunked path): attention output equals softmax(qkᵀ/√d + (j - i) ω Λ_ij) v,
+    the closed form the lift above was checked to give."""
+    n = 300
+    enc = perturbed("grape_a_" + gates)
+    x, q, k, v = inputs(T=n)
+    offset = 4
+    with torch.no_grad():
+        q2, k2, bias = enc(x, q, k, v, offset=offset)
+        got = attend(q2, k2, v, bias, "chunked")
+    omega, lam_q, lam_k = grape_a_rates(enc, q, k, gates)
+    t = torch.arange(n, dtype=torch.float64)
+    rate = omega.view(1, H, 1, 1) * (lam_q[..., :, None] + lam_k[..., None, :])
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D) + (t[None, :] - t[:, None]) * rate
+    want = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1) @ v.double()
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_translation_lift_in_gl_d_plus_1_gives_a_key_linear_slope():
     """Eq. 4.1: A = [[0, u], [0ᵀ, 0]] ∈ gl(d+1) translates x̂ = [x; 1] by nωu; scored with the
     paired inverse-transpose (q̂ = [q; 1], k̂ = [k; 1]) it adds (i - j) ω uᵀk_j to qᵀk, plus the
