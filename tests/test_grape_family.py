@@ -516,16 +516,17 @@ def test_every_parameter_gradient_matches_finite_differences(name):
         assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (pname, numeric.item(), analytic.item())
 
 
-SEPARABLE = {"grape_a_phase": {}, "grape_a_dict": {}, "grape_a_grid": {"grid": (10, 32), "grid_distance": "signed"}}
+LONG = [("grape_a_phase", {}), ("grape_a_dict", {}), ("grape_a_grid", {"grid": (10, 32), "grid_distance": "signed"}),
+        ("grape_a_grid", {"grid": (10, 32)}), ("grape_a_grid", {"grid": (3, 10, 10), "grid_distance": "radial"})]
 
 
-@pytest.mark.parametrize("name", SEPARABLE)
-def test_fast_path_matches_dense_at_long_length(name):
-    """T = 300: the chunked CPU path (auto) against the dense reference, values and gradients,
-    also for a prefix + continuation through the cache."""
+@pytest.mark.parametrize("name,extra", LONG, ids=[f"{n}-{e.get('grid_distance', 'abs')}" for n, e in LONG])
+def test_fast_path_matches_dense_at_long_length(name, extra):
+    """T = 300: the chunked CPU path (SeparableBias columns, or any Bias in query tiles) against
+    the dense reference, values and gradients, also for a prefix + continuation through the cache."""
     torch.manual_seed(10)
     n = 300
-    enc = perturb(build_encoding(config(name, **SEPARABLE[name], block_size=n)), std=0.3)
+    enc = perturb(build_encoding(config(name, **extra, block_size=n)), std=0.3)
     x, q, k = inputs(n_tokens=n)
     v = torch.randn_like(q)
     for t in (x, q, k, v):
@@ -568,3 +569,20 @@ def test_grid_example_runs_at_toy_size():
     assert [r["encoding"] for r in results] == ["rope", "grape_m_grid+grape_a_grid"]
     for r in results:
         assert 0 < r["train_size"] < 5 and 0 < r["eval_size"] < 5
+
+
+@pytest.mark.parametrize("name", ["grape_m_planes", "grape_m_grid+grape_a_grid", "grape_m_ctx_dict+grape_a_phase",
+                                  "grape_a_dict"])
+def test_model_is_exactly_causal_on_the_fast_paths(name):
+    """T = 300 (SDPA, chunked): changing tokens after t changes no logit at or before t, bit for bit."""
+    torch.manual_seed(11)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=64, block_size=300,
+                          grid=(10, 30) if "grid" in name else None, pos_encoding=name)).eval()
+    perturb(model, std=0.3)
+    idx = torch.randint(0, 64, (1, 300))
+    changed = idx.clone()
+    changed[:, 201:] = torch.randint(0, 64, (1, 99))
+    with torch.no_grad():
+        a, b = model(idx).logits, model(changed).logits
+    assert torch.equal(a[:, :201], b[:, :201])
+    assert not torch.allclose(a[:, 201:], b[:, 201:])
