@@ -19,6 +19,7 @@ the Tk >= Tq keys at offset+Tq-Tk..offset+Tq-1.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -164,16 +165,17 @@ class PathIntegralBias:
 # ----------------------------------------------------------------------------------------
 
 def rope_frequencies(dim: int, base: float) -> Tensor:
-    """θ_i = base^(-2i/d), i = 0..d/2-1 (computed in float64, stored as float32)."""
-    i = torch.arange(0, dim // 2, dtype=torch.float64)
-    return (base ** (-2.0 * i / dim)).float()
+    """θ_i = 1 / base^(2i/d), i = 0..d/2-1, in float32 exactly as the original repository
+    computes them (so its checkpoints see the same spectrum to the last bit)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 def rotate_pairs(x: Tensor, angle: Tensor) -> Tensor:
-    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes).
+    The rotation is computed in float32 (as the original does) and returned in x's dtype."""
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    cos, sin = angle.cos().float(), angle.sin().float()
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def alibi_slopes(n_head: int) -> Tensor:
@@ -286,20 +288,39 @@ class RoPE(Encoding):
 class GrapeM(RoPE):
     """Commuting multiplicative GRAPE (§3.1) with learnable frequencies.
 
-    θ = θ_RoPE · exp(δ / s) with δ initialised to 0, i.e. log θ = log θ_RoPE + δ / s. This is
-    the official parameterisation (stored log-frequency divided by s = grape_log_freq_scale,
-    which slows its effective learning rate by s) written so that the initial frequencies are
-    RoPE's bit for bit.
+    The parameter is the original repository's: ``scaled_log_freq`` = s · log θ, initialised at
+    RoPE's spectrum, with s = grape_log_freq_scale (16) slowing its effective learning rate by
+    s; weight decay pulls it toward 0, i.e. θ toward 1, as in the original. The frequencies are
+    evaluated as θ = θ_RoPE · exp((scaled_log_freq − s · log θ_RoPE) / s), the same function
+    written so that at init the exponent is exactly 0 and GRAPE-M equals RoPE bit for bit.
+    ``grape_learnable_freq = False`` freezes them at RoPE's (and, as in the original, s = 1).
     """
 
     def __init__(self, config):
         super().__init__(config)
-        self.log_freq_scale = config.grape_log_freq_scale
+        learnable = config.grape_learnable_freq
+        self.log_freq_scale = float(config.grape_log_freq_scale) if learnable else 1.0
         shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
-        self.log_freq = nn.Parameter(torch.zeros(shape))
+        init = self.rope_scaled_log_freq().expand(shape).clone()
+        self.scaled_log_freq = nn.Parameter(init, requires_grad=learnable)
+
+    def rope_scaled_log_freq(self) -> Tensor:
+        return self.log_freq_scale * torch.log(self.inv_freq)
 
     def frequencies(self) -> Tensor:
-        return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)
+        offset = self.scaled_log_freq - self.rope_scaled_log_freq()
+        return self.inv_freq * torch.exp(offset / self.log_freq_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the original's parameterisation stored δ = s·log(θ/θ_RoPE)
+        # under the name ``log_freq``: same frequencies, other value. Convert, never reinterpret.
+        legacy, current = prefix + "log_freq", prefix + "scaled_log_freq"
+        if legacy in state_dict and current not in state_dict:
+            delta = state_dict.pop(legacy)
+            state_dict[current] = delta + self.rope_scaled_log_freq().to(delta.device, delta.dtype)
+            warnings.warn(f"{prefix}log_freq: converted a GRAPE-M checkpoint of this repository's earlier "
+                          "parameterisation (δ = s·log(θ/θ_RoPE)) to scaled_log_freq = s·log θ")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GrapeMLearnedBasis(GrapeM):
@@ -374,27 +395,41 @@ class GrapeMNonCommuting(Encoding):
 
 
 class GrapeMContextual(Encoding):
-    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/16) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
-    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only."""
+    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/s_ω) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
+    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only.
+
+    As in the original: s_ω = grape_ctx_omega_scale (16), w = 0 and b = softplus⁻¹(ω_init)
+    at init (ω_init = grape_ctx_init_omega = 1e-3, so ω₀ = sigmoid(b/16) ≈ 0.39), and learnable
+    frequencies θ = exp(log_freq) with log_freq initialised at log θ_RoPE (no scaling), shared
+    or per head (``grape_m_per_head``), frozen with ``grape_learnable_freq = False``. They are
+    evaluated as θ_RoPE · exp(log_freq − log θ_RoPE), exactly RoPE's spectrum at init.
+    """
     multiplicative = True
-    gate_temperature = 16.0
 
     def __init__(self, config):
         super().__init__(config)
         _require_even(self.head_dim, "head_dim", "rotary")
         n_out = self.n_head if config.grape_ctx_per_head else 1
+        self.omega_scale = float(config.grape_ctx_omega_scale)
         self.phase_proj = nn.Linear(config.n_embd, n_out, bias=True)
         nn.init.zeros_(self.phase_proj.weight)
-        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1e-3))
+        nn.init.constant_(self.phase_proj.bias, inverse_softplus(max(config.grape_ctx_init_omega, 1e-8)))
         self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
+        shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
+        self.log_freq = nn.Parameter(torch.log(self.inv_freq).expand(shape).clone(),
+                                     requires_grad=config.grape_learnable_freq)
+
+    def frequencies(self) -> Tensor:
+        """θ, shaped (D/2,) or (H, D/2)."""
+        return self.inv_freq * torch.exp(self.log_freq - torch.log(self.inv_freq))
 
     def increments(self, x: Tensor) -> Tensor:
         """ω_t, shaped (B, H|1, T)."""
-        return torch.sigmoid(self.phase_proj(x) / self.gate_temperature).transpose(1, 2)
+        return torch.sigmoid(self.phase_proj(x).float() / self.omega_scale).transpose(1, 2)
 
     def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
         """Φ_t = Σ_{ℓ<t} ω_ℓ (exclusive prefix sum), continued from the cache."""
-        omega = self.increments(x).float()
+        omega = self.increments(x)
         before = cache.get("phase_total") if cache is not None else None
         inclusive = omega.cumsum(-1)
         if before is not None:
@@ -406,8 +441,19 @@ class GrapeMContextual(Encoding):
 
     def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: float = 0.0):
         phi = self.phases(x, cache) + phase_offset                      # (B, H|1, T)
-        angle = phi[..., None] * self.inv_freq                          # (B, H|1, T, D/2)
+        theta = self.frequencies().float()
+        theta = theta.view(1, -1, 1, theta.shape[-1])                   # (1, H|1, 1, D/2)
+        angle = phi[..., None] * theta                                  # (B, H|1, T, D/2)
         return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the frequencies were learnable kept them at RoPE's:
+        # load those with exactly that spectrum (the parameter's initial value).
+        if prefix + "log_freq" not in state_dict and prefix + "phase_proj.weight" in state_dict:
+            state_dict[prefix + "log_freq"] = torch.log(self.inv_freq).expand_as(self.log_freq).clone()
+            warnings.warn(f"{prefix}log_freq: checkpoint from before GRAPE-M-ctx learned its frequencies; "
+                          "loaded with RoPE's fixed spectrum, as it was trained")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ALiBi(Encoding):
@@ -451,9 +497,12 @@ class FoX(Encoding):
 class GrapeA(Encoding):
     """Additive GRAPE (Eq. 4.6): b_h(t, j) = -(t - j) ω_h (λ_q(q_t) + λ_k(k_j)).
 
-    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the L2-normalised
-    gate vectors; ω_h = softplus(ω̂_h)·m_h with m_h the ALiBi slope and softplus(ω̂_h) = 1 at
-    init. ``gates`` selects which of the two terms exist: "q", "k" or "qk".
+    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the gate vectors
+    L2-normalised (F.normalize, eps 1e-6) unless switched off; ω_h = softplus(ω̂_h)·m_h with
+    m_h the ALiBi slope and softplus(ω̂_h) = ω_init (1) at init. ``gates`` selects which of
+    the two terms exist: "q", "k" or "qk". The knobs keep the original's names and meaning:
+    the key gate reads keygated_u_*, the query gate querygated_v_*, ω_init comes from
+    keygated_/querygated_/querykeygated_omega_init for "k"/"q"/"qk" (None = 1).
     """
     additive = True
 
@@ -461,27 +510,34 @@ class GrapeA(Encoding):
         super().__init__(config)
         self.use_q, self.use_k = "q" in gates, "k" in gates
         d = self.head_dim
+        omega_init = {"q": config.querygated_omega_init, "k": config.keygated_omega_init,
+                      "qk": config.querykeygated_omega_init}[gates]
+        omega_init = max(1.0 if omega_init is None else float(omega_init), 1e-8)
         if self.use_q:
-            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
+            std = config.querygated_v_init_std
+            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) * (1 / math.sqrt(d) if std is None else std))
+            self.q_l2 = config.querygated_v_l2_eps if config.querygated_v_l2_norm else None
         if self.use_k:
-            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
-        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
+            std = config.keygated_u_init_std
+            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) * (1 / math.sqrt(d) if std is None else std))
+            self.k_l2 = config.keygated_u_l2_eps if config.keygated_u_l2_norm else None
+        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(omega_init)))
         self.register_buffer("slopes", alibi_slopes(self.n_head))
 
     def omega(self) -> Tensor:
         return F.softplus(self.omega_raw) * self.slopes
 
-    def _gate(self, vec: Tensor, x: Tensor) -> Tensor:
-        unit = F.normalize(vec.float(), dim=-1)                               # (H, D)
+    def _gate(self, vec: Tensor, x: Tensor, l2_eps: Optional[float]) -> Tensor:
+        unit = vec.float() if l2_eps is None else F.normalize(vec.float(), dim=-1, eps=l2_eps)   # (H, D)
         score = torch.einsum("bhtd,hd->bht", x.float(), unit) / math.sqrt(self.head_dim)
         return F.softplus(score)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         omega = self.omega().view(1, -1, 1)
-        slope_q = omega * self._gate(self.gate_q, q) if self.use_q else None
+        slope_q = omega * self._gate(self.gate_q, q, self.q_l2) if self.use_q else None
         slope_k = None
         if self.use_k:
-            slope_k = omega * self._gate(self.gate_k, k)
+            slope_k = omega * self._gate(self.gate_k, k, self.k_l2)
             if cache is not None:
                 # the key-side slope ω_h λ_k(k_j) is fixed once k_j is seen: cache it
                 slope_k = cache.extend("grape_a_slope_k", slope_k)
@@ -494,7 +550,7 @@ class GrapeA(Encoding):
 class GrapeAP(Encoding):
     """Path-integral additive GRAPE (§5, Eq. 5.1-5.2).
 
-    p_t = W_p x_t per head (width p_head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
+    p_t = W_p x_t per head (width p_head_dim, None = head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
     the rotation by angle ℓ in every plane (RoPE with base 1), ψ_h(t, ℓ) = m_h ·
     logsigmoid(⟨p_t, r_ℓ⟩ / d_p), b_h(t, j) = Σ_{j<ℓ≤t} ψ_h(t, ℓ). ``p_tie_mode`` reuses
     q, k or v (after QK-norm; v raw) as p instead of a projection.
@@ -508,7 +564,7 @@ class GrapeAP(Encoding):
         if self.tie not in self.tie_modes:
             raise ValueError(f"p_tie_mode must be one of {self.tie_modes}, got {self.tie!r}")
         if self.tie == "none":
-            self.p_dim = config.p_head_dim
+            self.p_dim = config.p_head_dim or self.head_dim
             _require_even(self.p_dim, "p_head_dim", "GRAPE-AP (its probes rotate in planes)")
             self.p_proj = nn.Linear(config.n_embd, self.n_head * self.p_dim, bias=False)
             nn.init.normal_(self.p_proj.weight, std=0.5 / math.sqrt(config.n_embd))
@@ -525,8 +581,11 @@ class GrapeAP(Encoding):
         return {"pq": q, "pk": k, "pv": v}[self.tie]
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
-        p = self.probes(x, q, k, v).float()
-        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)
+        raw = self.probes(x, q, k, v)
+        p = raw.float()
+        # the original's F.rms_norm(p) without weight: eps = machine epsilon of p's dtype
+        # (1.2e-7 in float32, 7.8e-3 for bf16 probes under autocast)
+        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + torch.finfo(raw.dtype).eps)
         pos = positions(offset, q.shape[2], q.device).float()
         r = rotate_pairs(p_hat, pos[:, None] * self.probe_freq)
         if cache is not None:

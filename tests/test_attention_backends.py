@@ -20,8 +20,9 @@ ADDITIVE = ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
 
 
 def enc_config(**kw):
-    base = dict(n_head=3, head_dim=8, n_embd=24, rope_base=10000.0, p_head_dim=4, p_tie_mode="none",
-                grape_log_freq_scale=16.0, grape_m_per_head=False, grape_ctx_per_head=False)
+    from configurator import model_fields      # every encoding knob at GPTConfig's default
+    base = {name: default for name, (default, _) in model_fields().items()}
+    base.update(n_head=3, head_dim=8, n_embd=24, p_head_dim=4)
     return SimpleNamespace(**{**base, **kw})
 
 
