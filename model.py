@@ -139,6 +139,24 @@ class GPTConfig(PretrainedConfig):
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
 
+def read_weights(path: str) -> dict[str, Tensor]:
+    """The tensors of a save_pretrained folder: model.safetensors or pytorch_model.bin, sharded or not."""
+    import json
+    from safetensors.torch import load_file
+
+    def load_bin(file):
+        return torch.load(file, map_location="cpu", weights_only=True)
+    for index, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", load_bin)):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in loader(os.path.join(path, shard)).items()}
+    for name, loader in (("model.safetensors", load_file), ("pytorch_model.bin", load_bin)):
+        if os.path.isfile(os.path.join(path, name)):
+            return loader(os.path.join(path, name))
+    raise FileNotFoundError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin)")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -348,6 +366,32 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
             self.push_to_hub(repo_id, **hub_kwargs)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, made strict: transformers leaves a parameter the
+        checkpoint lacks uninitialised and ignores one it has too many. Here a local folder whose
+        parameters do not match is read again through ``load_state_dict``, which converts the
+        earlier parameterisations of this repository (GRAPE-M's δ, GRAPE-M-ctx's fixed spectrum;
+        see grape.py), and any mismatch left is an error naming the parameters."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = set(info["missing_keys"]) - {"lm_head.weight"}             # tied to the embedding
+        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+            path = str(pretrained_model_name_or_path)
+            if not os.path.isdir(path):
+                raise ValueError(f"{path} does not match its config: missing {sorted(missing)[:5]}, "
+                                 f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+            model.load_exactly(read_weights(path), path)
+        return (model, info) if want_info else model
+
+    def load_exactly(self, state: dict, source: str) -> None:
+        """load_state_dict (its conversion hooks run), then an error for any parameter left unmatched."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {source} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+    @classmethod
     def load(cls, path: str, map_location="cpu", model_type: Optional[str] = None, **overrides) -> "GPT":
         """Load a ``save_pretrained`` folder or a training checkpoint file (``ckpt.pt`` with
         keys ``model`` and ``model_config``), of this repository or of the original one
@@ -372,11 +416,7 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         config = GPTConfig(**{**ckpt["model_config"], **overrides})
         model = cls(config)
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        model.load_exactly(state, path)
         return model
 
     def new_caches(self) -> list[LayerCache]:

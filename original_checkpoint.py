@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from model import GPT, GPTConfig, settings_from_model_type
+from model import GPT, GPTConfig, read_weights, settings_from_model_type
 
 ROTARY = ("rope", "grape_m", "grape_m_ctx")
 # keys the original writes into config.json that select nothing in its models
@@ -56,29 +56,6 @@ def is_original_folder(path: str) -> bool:
         return False
     with open(config_path) as f:
         return json.load(f).get("model_type") == "gpt2"
-
-
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """The weights of a save_pretrained folder: safetensors or pytorch_model.bin, sharded or not."""
-    from safetensors.torch import load_file
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _torch_load)):
-        index_path = os.path.join(path, index_name)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(loader(os.path.join(path, shard)))
-            return state
-    for name, loader in (("model.safetensors", load_file), ("pytorch_model.bin", _torch_load)):
-        if os.path.isfile(os.path.join(path, name)):
-            return loader(os.path.join(path, name))
-    raise FileNotFoundError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin)")
-
-
-def _torch_load(path: str) -> dict[str, Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def infer_model_type(state: dict[str, Tensor]) -> Optional[str]:
@@ -251,7 +228,7 @@ def load_original(path: str, model_type: Optional[str] = None, **overrides) -> G
     """Our GPT with the weights of an original save_pretrained folder (same logits)."""
     with open(os.path.join(path, "config.json")) as f:
         original = json.load(f)
-    state = read_state_dict(path)
+    state = read_weights(path)
     inferred = infer_model_type(state)
     if model_type is None:
         if inferred is None:

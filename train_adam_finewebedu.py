@@ -63,14 +63,15 @@ TRAIN_DEFAULTS = dict(
     gradient_accumulation_steps=3,
     data_rng_mode="stateless",    # 'stateless': batch = f(data_seed, rank, step, micro); 'stateful': RNG stream, checkpointed
     seed=1337,                    # model init
-    data_seed=1337,
-    eval_seed=1337,
+    data_seed=-1,                 # -1: the value of seed (as in the original)
+    eval_seed=-1,
     # model
     model_type="",                # the original repository's names, e.g. 'llama-mha-grape-ap-v1'
-    # optimizer (AdamW; weight decay on matrices only)
+    # optimizer (AdamW)
     learning_rate=1e-3,
     max_iters=25000,
     weight_decay=0.01,
+    weight_decay_on="all_but_norms",   # the original's groups; 'matrices': >= 2-dim parameters only (GPT.optimizer_groups)
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,                # 0 disables clipping
@@ -88,7 +89,8 @@ TRAIN_DEFAULTS = dict(
     bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware
     gpu_peak_flops=0.0,           # for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
 )
-MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096)
+# the original training script's model defaults (its p_head_dim None means head_dim)
+MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096, p_head_dim=None)
 
 
 def defaults() -> tuple[dict, dict]:
@@ -120,7 +122,7 @@ def validate(cfg) -> None:
     """Values that type-check but cannot run."""
     choices = dict(init_from=("scratch", "resume"), data_rng_mode=("stateless", "stateful"),
                    dtype=("bfloat16", "float16", "float32"), backend=("auto", "nccl", "gloo"),
-                   schedule=("cosine",))
+                   schedule=("cosine",), weight_decay_on=GPT.WEIGHT_DECAY_POLICIES)
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
@@ -254,7 +256,16 @@ def main(argv=None) -> dict:
     raw_model = GPT(model_config).to(device)
     if ckpt is not None:
         raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
-    optimizer = torch.optim.AdamW(raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
+    if ckpt is not None:
+        # the groups must be the ones the checkpoint's optimizer state was saved with; checkpoints
+        # from before this key existed used 'matrices'
+        saved = ckpt.get("config", {}).get("weight_decay_on", "matrices")
+        if "weight_decay_on" in explicit and cfg.weight_decay_on != saved:
+            raise ConfigError(f"cannot resume from {resume_from} with weight_decay_on={cfg.weight_decay_on!r}: "
+                              f"it was trained with {saved!r}")
+        cfg.weight_decay_on = saved
+    groups = raw_model.optimizer_groups(cfg.weight_decay, cfg.weight_decay_on)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                   fused=device_type in ("cuda", "cpu"))   # one kernel: much faster than foreach
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")

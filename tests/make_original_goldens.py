@@ -241,10 +241,34 @@ def resolve_config(root: str, path: str) -> dict:
     return {"values": values, "model_args": scope["model_args"]}
 
 
+OURS = """
+import json, sys
+sys.path.insert(0, "tests")
+from configurator import configure
+from original_goldens import with_fixed_keys
+from train_adam_finewebedu import defaults
+out = {}
+for path in sys.argv[1:]:
+    values, accepted = defaults()
+    out[path] = with_fixed_keys(configure([path], values, accepted, verbose=False)[0])
+print(json.dumps(out))
+"""
+
+
 def write_configs(root: str, out: str) -> None:
-    configs = {}
-    for path in sorted(glob.glob(os.path.join(root, "config", "*.py"))):
-        configs[os.path.basename(path)] = resolve_config(root, os.path.abspath(path))
+    """configs.json, after checking that this repository's configurator reads each of the
+    original's files (unchanged) to the same values (in a subprocess: both have a 'model')."""
+    import subprocess
+    from original_goldens import config_mismatches
+    paths = sorted(glob.glob(os.path.join(root, "config", "*.py")))
+    configs = {os.path.basename(p): resolve_config(root, os.path.abspath(p)) for p in paths}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = json.loads(subprocess.run([sys.executable, "-c", OURS, *paths], cwd=repo, check=True,
+                                     capture_output=True, text=True).stdout)
+    problems = [f"{os.path.basename(p)}: {m}" for p in paths
+                for m in config_mismatches(configs[os.path.basename(p)], ours[p])]
+    if problems:
+        raise SystemExit("this repository reads the original's config files differently:\n" + "\n".join(problems))
     with open(os.path.join(out, "configs.json"), "w") as f:
         json.dump(configs, f, indent=1, sort_keys=True)
 

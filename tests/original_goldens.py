@@ -57,3 +57,72 @@ def sample(tensor: torch.Tensor) -> torch.Tensor:
 
 def case_path(name: str) -> str:
     return os.path.join(GOLDEN_DIR, f"{name}.pt")
+
+
+# -- run configs ------------------------------------------------------------------------------
+
+# Keys of the original's resolved configs that are not compared, and why (logging, paths, system).
+NOT_COMPARED = {
+    "out_dir": "where checkpoints go (the original's script derives output/out_<model>_..._<date>_<job id>)",
+    "resume_dir": "a path",
+    "wandb_log": "logging: off here unless asked for (the original's configs turn it on)",
+    "wandb_project": "logging",
+    "wandb_run_name": "logging (the original's script derives it from the date and job id)",
+    "data_path": "a path",
+    "dataset": "a path: here data/fineweb-edu/fineweb-edu100B, where data/fineweb-edu/prepare.py writes",
+    "device": "the system: 'auto' picks cuda where there is one (the original: 'cuda')",
+    "backend": "the system: 'auto' picks nccl on GPUs (the original: 'nccl')",
+}
+# Keys with no counterpart here; they change nothing in the original's runs either.
+ORIGINAL_ONLY = {
+    "tpa_kvrank": "TPA's, read by no model file of these model types",
+    "tpa_qrank": "TPA's, read by no model file of these model types",
+    "group_size": "GQA's, passed only for 'gqa' model types",
+    "rho": "defined, never read (the script trains with AdamW)",
+    "interval": "defined, never read",
+    "variant": "defined, never read",
+    "scale_attn_by_inverse_layer_idx": "passed to the model, read by none of its files",
+}
+P_TIE = {"pqtie": "pq", "pktie": "pk", "pvtie": "pv"}
+
+
+def _ours(key: str, ours: dict):
+    """Our value for one of the original's keys."""
+    if key == "grape_base":
+        return ours["rope_base"]
+    if key == "grape_share_across_heads":
+        return not ours["grape_m_per_head"]
+    return ours[key]
+
+
+def _normalised(key: str, value):
+    if key == "p_tie_mode":
+        return P_TIE.get(value, value)
+    return value
+
+
+def config_mismatches(original: dict, ours: dict) -> list[str]:
+    """Where our resolved config differs from the original's (one configs.json entry: its
+    resolved values and the model_args it passes to GPTConfig). ``ours`` is the configurator's
+    dict plus its FIXED_KEYS at their only accepted values (``with_fixed_keys``)."""
+    out = []
+    for part in ("values", "model_args"):
+        for key, value in original[part].items():
+            if key in NOT_COMPARED or key in ORIGINAL_ONLY:
+                continue
+            if part == "model_args" and key == "vocab_size" and value is None:
+                value = 50304                    # what the original's script then puts there
+            try:
+                mine = _ours(key, ours)
+            except KeyError:
+                out.append(f"{part}.{key}: the original has {value!r}, ours has no such key")
+                continue
+            if _normalised(key, mine) != _normalised(key, value):
+                out.append(f"{part}.{key}: original {value!r}, ours {mine!r}")
+    return out
+
+
+def with_fixed_keys(config: dict) -> dict:
+    """The configurator's resolved dict plus the keys it accepts at one value only (not stored)."""
+    from configurator import FIXED_KEYS
+    return {**{key: value for key, (value, _) in FIXED_KEYS.items()}, **config}

@@ -243,3 +243,23 @@ def test_wandb_offline_mode_logs_without_network(data_dir, tmp_path, monkeypatch
     runs = [d for d in os.listdir(os.path.join(out, "wandb")) if d.startswith("offline-run-")]
     assert len(runs) == 1
     assert checkpoint.load_checkpoint(out)["wandb_id"] in runs[0]
+
+
+def test_resume_keeps_the_weight_decay_groups_its_optimizer_state_was_saved_with(data_dir, tmp_path):
+    """AdamW's state is stored per group and position: a resume must rebuild the same groups."""
+    from configurator import ConfigError
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_a_qk"))
+    assert checkpoint.load_checkpoint(out)["config"]["weight_decay_on"] == "all_but_norms"
+    with pytest.raises(ConfigError, match="weight_decay_on='matrices'"):
+        main(tiny(data_dir, out, "--max_iters=3", "--pos_encoding=grape_a_qk", "--init_from=resume",
+                  "--weight_decay_on=matrices"))
+    # a checkpoint from before the key existed was trained with 'matrices' and resumes with them
+    old = str(tmp_path / "old")
+    main(tiny(data_dir, old, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_a_qk",
+              "--weight_decay_on=matrices"))
+    ckpt = checkpoint.load_checkpoint(old)
+    del ckpt["config"]["weight_decay_on"]
+    checkpoint.atomic_torch_save(ckpt, os.path.join(old, checkpoint.CKPT_NAME))
+    assert main(tiny(data_dir, old, "--max_iters=3", "--pos_encoding=grape_a_qk",
+                     "--init_from=resume"))["iter_num"] == 3
