@@ -142,18 +142,15 @@ class GPTConfig(PretrainedConfig):
 def read_weights(path: str) -> dict[str, Tensor]:
     """The tensors of a save_pretrained folder: model.safetensors or pytorch_model.bin, sharded or not."""
     import json
-    from safetensors.torch import load_file
-
-    def load_bin(file):
-        return torch.load(file, map_location="cpu", weights_only=True)
-    for index, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", load_bin)):
+    from transformers.modeling_utils import load_state_dict
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-            return {k: v for shard in shards for k, v in loader(os.path.join(path, shard)).items()}
-    for name, loader in (("model.safetensors", load_file), ("pytorch_model.bin", load_bin)):
+            return {k: v for shard in shards for k, v in load_state_dict(os.path.join(path, shard)).items()}
+    for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
-            return loader(os.path.join(path, name))
+            return load_state_dict(os.path.join(path, name))
     raise FileNotFoundError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin)")
 
 
