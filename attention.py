@@ -86,6 +86,13 @@ BACKENDS: dict[str, Callable] = {
     "triton": triton_attention,
 }
 
+
+
+def backend_choices() -> tuple[str, ...]:
+    """What ``attn_backend`` accepts: 'auto' and the names of BACKENDS."""
+    return ("auto", *BACKENDS)
+
+
 # On CPU the dense path is only worth it while the (B, H, Tq, Tk) tensors are tiny.
 CPU_DENSE_MAX_KEYS = 256
 
@@ -135,5 +142,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias=None, backend: str = "auto") ->
     try:
         fn = BACKENDS[backend]
     except KeyError:
-        raise ValueError(f"unknown attn_backend {backend!r}; choose one of {['auto', *BACKENDS]}") from None
+        raise ValueError(f"unknown attn_backend {backend!r}; choose one of {backend_choices()}") from None
     return fn(q, k, v, bias)

@@ -16,7 +16,8 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from attention import attend
+from attention import attend, backend_choices
+from checkpoint import CheckpointError, check_pretrained_folder, hf_progress_bars_off, read_checkpoint_file
 from generation import StreamingGenerationMixin, hf_forward, sample
 from grape import LayerCache, build_encoding, check_encoding_name
 
@@ -95,6 +96,8 @@ class GPTConfig(PretrainedConfig):
             raise ValueError(f"p_head_dim={self.p_head_dim} must be even (GRAPE-AP probes rotate in planes)")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.attn_backend not in backend_choices():
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {backend_choices()}")
 
 
 class RMSNorm(nn.Module):
@@ -277,15 +280,18 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         keys ``model`` and ``model_config``). ``overrides`` change config fields that do not
         change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
         import os
+        import sys
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-            return cls.from_pretrained(path, **overrides)
+            check_pretrained_folder(path)
+            with hf_progress_bars_off(not sys.stderr.isatty()):   # no bar lines in log files (tqdm's convention)
+                return cls.from_pretrained(path, **overrides)
         if os.path.isdir(path):
             path = os.path.join(path, "ckpt.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = read_checkpoint_file(path, map_location)
         if "model" not in ckpt or "model_config" not in ckpt:
-            raise ValueError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
+            raise CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
         config = GPTConfig(**{**ckpt["model_config"], **overrides})
         model = cls(config)
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}

@@ -148,7 +148,8 @@ class GrapeLM(TemplateLM):
         ordered = Collator(requests, sort_fn=longest_first, group_by="contexts",
                            group_fn=lambda req: req[-2] + req[-1][:-1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="grape loglikelihood")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or None,  # None: off unless a terminal
+                   desc="grape loglikelihood")
         for chunk in ordered.get_batched(n=self.batch_size_per_gpu):
             rows, lengths = [], []
             for _, ctx, cont in chunk:
@@ -203,7 +204,7 @@ class GrapeLM(TemplateLM):
                            sort_fn=lambda req: (-len(self.tok_encode(req[0])), req[0]),
                            group_by="gen_kwargs", group_fn=lambda req: req[1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="grape generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or None, desc="grape generate_until")
         eos = self.enc.decode([EOT])
         for chunk in ordered.get_batched(n=self.batch_size_per_gpu):
             contexts, all_kwargs = zip(*chunk)

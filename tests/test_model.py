@@ -148,6 +148,7 @@ def test_legacy_model_type_names_map_onto_pos_encoding():
     (dict(n_head=4, n_embd=20, pos_encoding="rope"), "must be even"),
     (dict(pos_encoding="grape_ap", p_head_dim=5), "p_head_dim=5 must be even"),
     (dict(pos_encoding="grape_ap", p_tie_mode="pz"), "p_tie_mode"),
+    (dict(attn_backend="flash"), "unknown attn_backend 'flash'; choose one of \\('auto', 'dense'"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
     base = dict(n_layer=1, n_head=4, n_embd=32)
