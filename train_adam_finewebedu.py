@@ -608,7 +608,10 @@ def tqdm_range(n: int, enabled: bool, desc: str):
 # expected failures -> the one-line message they exit with (no traceback)
 EXIT_MESSAGES = {ConfigError: "config error: ", ShardError: "data error: ", CheckpointError: "checkpoint error: ",
                  OutDirError: "out_dir error: ", TrainingDiverged: ""}
-SAME_ON_EVERY_RANK = (ConfigError, OutDirError, TrainingDiverged)   # rank 0 alone reports these
+# Raised alike on every rank. Rank 0 alone reports them and fails the job; the other ranks leave
+# quietly with status 0, since a failed rank makes torchrun kill the others (rank 0 too, maybe
+# before it has printed why).
+SAME_ON_EVERY_RANK = (ConfigError, OutDirError, TrainingDiverged)
 
 
 def cli(argv=None) -> None:
@@ -616,7 +619,7 @@ def cli(argv=None) -> None:
         main(argv)
     except tuple(EXIT_MESSAGES) as e:
         if isinstance(e, SAME_ON_EVERY_RANK) and int(os.environ.get("RANK", 0)) != 0:
-            sys.exit(1)
+            sys.exit(0)
         prefix = next(p for kind, p in EXIT_MESSAGES.items() if isinstance(e, kind))
         sys.exit(f"{prefix}{e}")
 

@@ -137,6 +137,10 @@ class GrapeLM(TemplateLM):
         return logits.float()
 
     # -- loglikelihood ------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # lm_eval's own "Tokenizing inputs" bar as well: none when stderr is not a terminal
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty())
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: ((context, continuation) or None, context_enc, continuation_enc)."""
 
