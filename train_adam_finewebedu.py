@@ -421,9 +421,12 @@ def train(argv, on_exit: ExitStack) -> dict:
         return (f"{kept}. Lower learning_rate (or raise warmup_iters), or pass --on_divergence=rollback to "
                 "go back to the last checkpoint, skip the batches since, and lower the learning rate")
 
-    def diverged(event) -> None:
-        """Raise TrainingDiverged, or roll back: every rank calls this at the same point."""
+    def diverged(event) -> bool:
+        """False for no event; else raise TrainingDiverged, or roll back and return True (the
+        loop then starts over from the checkpoint). Every rank calls this at the same points."""
         nonlocal iter_num, best_val_loss, start_iter, interval_loss, interval_steps, t0
+        if event is None:
+            return False
         say(str(event))
         if master:
             log.write(iter=event.iter, diverged=event.what)
@@ -450,6 +453,7 @@ def train(argv, on_exit: ExitStack) -> dict:
             f"of at most {cfg.max_rollbacks})")
         if master:
             log.write(iter=iter_num, rollback_from=event.iter, skipped_iters=skipped, lr_scale=recovery.lr_scale)
+        return True
 
     # -- logging ----------------------------------------------------------------------------
     show = master and cfg.progress and sys.stderr.isatty()
@@ -499,12 +503,10 @@ def train(argv, on_exit: ExitStack) -> dict:
     try:
         while True:
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
-                event = watch.poll()
-                if event is None:
-                    val_loss = estimate_val_loss()
-                    event = check_validation_loss(iter_num, val_loss)
-                if event is not None:
-                    diverged(event)                   # raises, or rolls back to the last checkpoint
+                if diverged(watch.poll()):            # raises, or rolls back to the last checkpoint
+                    continue
+                val_loss = estimate_val_loss()
+                if diverged(check_validation_loss(iter_num, val_loss)):
                     continue
                 say(f"iter {iter_num}: val loss {val_loss:.4f}")
                 if master:
@@ -552,9 +554,7 @@ def train(argv, on_exit: ExitStack) -> dict:
                 bar.update(1)
 
             if iter_num % cfg.log_interval == 0 or iter_num >= cfg.max_iters:
-                event = watch.poll()
-                if event is not None:
-                    diverged(event)
+                if diverged(watch.poll()):
                     continue
                 train_loss = all_mean(interval_loss / interval_steps).item()
                 dt = time.time() - t0
@@ -572,9 +572,7 @@ def train(argv, on_exit: ExitStack) -> dict:
                 t0 = time.time()
 
             if stop_requested():
-                event = watch.poll()
-                if event is not None:
-                    diverged(event)
+                if diverged(watch.poll()):
                     continue
                 say(f"SIGTERM received: saving a checkpoint at iter {iter_num} and exiting")
                 save(iter_num)
