@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 
-from checkpoint import temporary_paths
+from checkpoint import BEST_NAME, CKPT_NAME, temporary_paths
 
 LOCK_NAME = ".lock"
 
@@ -99,7 +99,9 @@ def claim(out_dir: str, fresh: bool, overwrite: bool) -> OutDirLock:
     try:
         used = run_files(out_dir)
         if fresh and used and not overwrite:
-            shown = ", ".join(used[:6]) + (", ..." if len(used) > 6 else "")
+            first = [name for name in (CKPT_NAME, BEST_NAME, "log.jsonl") if name in used] or used[:3]
+            others = len(used) - len(first)
+            shown = ", ".join(first) + (f" and {others} other file(s)" if others else "")
             raise OutDirError(f"{out_dir} already holds a run ({shown}); continue it with --init_from=resume, "
                               "start over in it with --overwrite_out_dir=True (its checkpoints and log are "
                               "replaced), or choose another out_dir")
