@@ -3,11 +3,15 @@
 Pre-norm blocks, no biases, RMSNorm, optional QK-RMSNorm, SwiGLU MLP, tied embeddings,
 optional KV-shift. ``GPT.forward(idx, targets)`` returns ``(logits, loss)`` like nanoGPT;
 the classes are ``transformers`` config/model classes so ``save_pretrained`` /
-``from_pretrained`` work on the checkpoints.
+``from_pretrained`` work on the checkpoints, and a saved folder carries this code as remote
+code (``hf_checkpoint.py``), so ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` opens it without this repository.
 """
 
+import importlib
 import math
-from typing import Optional
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -52,9 +56,20 @@ def settings_from_model_type(model_type: str) -> dict:
     return {"pos_encoding": LEGACY_MODEL_TYPES[name], "use_k_shift": kv_shift, "use_v_shift": kv_shift}
 
 
+EOT = 50256  # GPT-2's <|endoftext|>: bos and eos (tokenizer.py)
+
+# Where transformers finds these classes in a saved folder, which carries this module's file
+# and the modules it imports (hf_checkpoint.write_code).
+AUTO_MAP = {"AutoConfig": f"{__name__.split('.')[-1]}.GPTConfig",
+            "AutoModelForCausalLM": f"{__name__.split('.')[-1]}.GPT"}
+
+
 @strict
 class GPTConfig(PretrainedConfig):
     model_type = "grape_gpt"
+    # the standard names tools read (lm_eval's context length, accelerate's layer count)
+    attribute_map = {"max_position_embeddings": "block_size", "hidden_size": "n_embd",
+                     "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
     block_size: int = 1024
     vocab_size: int = 50304
@@ -82,6 +97,11 @@ class GPTConfig(PretrainedConfig):
         if self.head_dim is None:
             self.head_dim = self.n_embd // self.n_head
         super().__post_init__(**kwargs)
+        # What a saved config.json tells transformers: where the code is, and GPT-2's
+        # <|endoftext|> as bos/eos, so that generate() stops there (generation_config.json).
+        for key, default in (("auto_map", dict(AUTO_MAP)), ("bos_token_id", EOT), ("eos_token_id", EOT)):
+            if getattr(self, key, None) is None:
+                setattr(self, key, default)
         self.check()
 
     def check(self) -> None:
@@ -196,6 +216,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LMOutput(NamedTuple):
+    """``logits, loss = model(idx, targets)`` as in nanoGPT, and ``model(idx).logits`` as tools
+    written for transformers models read it (lm_eval's hf model)."""
+    logits: Tensor
+    loss: Optional[Tensor]
+
+
 class GPT(PreTrainedModel, StreamingGenerationMixin):
     config_class = GPTConfig
     base_model_prefix = "transformer"
@@ -244,6 +271,7 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         """``model(idx, targets, caches)`` -> ``(logits, loss)``. With ``caches`` (one
         ``LayerCache`` per layer, see ``new_caches``) the tokens continue the cached sequence.
         ``logits_to_keep=n`` computes logits for the last n positions only (decoding).
+        The pair is an ``LMOutput``: ``model(idx).logits`` works as well.
 
         Called the transformers way (``input_ids=``, ``past_key_values=``, ``use_cache=``,
         ``attention_mask=``, ``return_dict=``, as ``generate()`` does) it returns a
@@ -269,14 +297,30 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return LMOutput(logits, loss)
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """transformers' ``save_pretrained`` (config.json with ``auto_map``, generation_config.json,
+        model.safetensors), plus what lets the folder open without this repository: the modelling
+        code as remote code and the GPT-2 tokenizer (``hf_checkpoint.complete_folder``).
+        ``push_to_hub=True`` (with ``repo_id=``) then uploads the complete folder (``push_to_hub``)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token",
+                                                 "revision") if k in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # Loaded as remote code (a package in transformers' module cache), transformers has just
+        # copied these files itself; from the repository, hf_checkpoint writes them. It is
+        # imported by name so that it is not itself shipped as remote code.
+        if not __package__ and kwargs.get("is_main_process", True):
+            importlib.import_module("hf_checkpoint").complete_folder(self, save_directory)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, **hub_kwargs)
 
     @classmethod
     def load(cls, path: str, map_location="cpu", **overrides) -> "GPT":
         """Load a ``save_pretrained`` folder or a training checkpoint file (``ckpt.pt`` with
         keys ``model`` and ``model_config``). ``overrides`` change config fields that do not
         change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
-        import os
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
             return cls.from_pretrained(path, **overrides)
         if os.path.isdir(path):
