@@ -37,8 +37,8 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
     score_mod = bias.score_mod(q.shape[0], q.shape[1]) if q.shape[2] == k.shape[2] else None
     if score_mod is None:
         return chunked_attention(q, k, v, bias)
-    import attention_flex
-    return attention_flex.flex_attention(q, k, v, score_mod)
+    from attention_flex import flex_attention as run_flex     # imported lazily: compiles with inductor
+    return run_flex(q, k, v, score_mod)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
