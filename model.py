@@ -11,6 +11,7 @@ trust_remote_code=True)`` opens it without this repository.
 import importlib
 import math
 import os
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,7 +21,7 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from attention import attend
+from attention import attend, backend_choices
 from generation import StreamingGenerationMixin, hf_forward, sample
 from grape import LayerCache, build_encoding, check_encoding_name
 
@@ -137,6 +138,8 @@ class GPTConfig(PretrainedConfig):
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.attn_backend not in backend_choices():
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {backend_choices()}")
 
 
 def read_weights(path: str) -> dict[str, Tensor]:
@@ -395,21 +398,24 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         (``original_checkpoint.py``; ``model_type`` names the original's encoding where its
         parameters do not, e.g. 'llama-mha-rope'). ``overrides`` change config fields that do
         not change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
+        # imported by name so that they are not shipped as remote code (hf_checkpoint)
+        checkpoint = importlib.import_module("checkpoint")
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-            # imported by name: reading the original's folders is not shipped as remote code
+            checkpoint.check_pretrained_folder(path)
             original_checkpoint = importlib.import_module("original_checkpoint")
             if original_checkpoint.is_original_folder(path):
                 return original_checkpoint.load_original(path, model_type, **overrides)
             if model_type is not None:
                 raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
-            return cls.from_pretrained(path, **overrides)
+            with checkpoint.hf_progress_bars_off(not sys.stderr.isatty()):   # no bars in log files (tqdm's convention)
+                return cls.from_pretrained(path, **overrides)
         if os.path.isdir(path):
             path = os.path.join(path, "ckpt.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = checkpoint.read_checkpoint_file(path, map_location)
         if "model" not in ckpt or "model_config" not in ckpt:
-            raise ValueError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
+            raise checkpoint.CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
         config = GPTConfig(**{**ckpt["model_config"], **overrides})
         model = cls(config)
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}

@@ -12,8 +12,8 @@ V = 97
 
 
 def tiny(pos_encoding, shift=False, **kw):
-    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=64,
-                    pos_encoding=pos_encoding, use_k_shift=shift, use_v_shift=shift, **kw)
+    settings = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=64)
+    cfg = GPTConfig(**{**settings, **kw}, pos_encoding=pos_encoding, use_k_shift=shift, use_v_shift=shift)
     torch.manual_seed(0)
     return GPT(cfg)
 
@@ -38,15 +38,46 @@ def test_causality_future_tokens_change_no_earlier_logit(name, shift):
 
 @pytest.mark.parametrize("shift", [False, True], ids=["plain", "kvshift"])
 @pytest.mark.parametrize("name", ALL)
-def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(name, shift):
-    model = tiny(name, shift, using_groupnorm=True)
-    idx = torch.randint(0, V, (2, 16))
+def test_every_parameter_gradient_matches_central_differences_in_float64(name, shift, monkeypatch):
+    """Every trainable parameter gets a nonzero gradient, and the gradients are right: the
+    derivative along a random direction equals a float64 central difference of the loss, for
+    each position-encoding and KV-shift parameter on its own and for all other parameters
+    together. Every parameter (norm weights too) is moved off its initial value first.
+
+    The model casts to float32 in places (accuracy under bf16 autocast); for this test
+    ``.float()`` leaves float64 tensors as they are, so the whole forward runs in float64
+    and a difference with step 1e-6 is accurate to ~1e-10."""
+    to_float32 = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda t, *a, **kw: t if t.dtype == torch.float64 else to_float32(t, *a, **kw))
+    model = tiny(name, shift, n_layer=1, using_groupnorm=True).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    idx = torch.randint(0, V, (2, 12))
     _, loss = model(idx, idx.roll(-1, 1))
+    assert loss.dtype == torch.float64
     loss.backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, pname
-        assert torch.isfinite(p.grad).all(), pname
-        assert p.grad.abs().sum() > 0, pname
+    params = dict(model.named_parameters())
+    for pname, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    own = [n for n in params if ".pos." in n or "shift" in n]
+    assert own or name in ("nope", "rope", "alibi"), "no position-encoding parameter found by name"
+    groups = [[n for n in params if n not in own]] + [[n] for n in own]
+    eps = 1e-6
+    for group in groups:
+        direction = {n: torch.randn_like(params[n]) for n in group}
+        analytic = sum((params[n].grad * direction[n]).sum() for n in group).item()
+        losses = []
+        with torch.no_grad():
+            for step in (eps, -2 * eps):
+                for n in group:
+                    params[n].add_(step * direction[n])
+                losses.append(model(idx, idx.roll(-1, 1))[1].item())
+            for n in group:
+                params[n].add_(eps * direction[n])
+        numeric = (losses[0] - losses[1]) / (2 * eps)
+        assert abs(numeric - analytic) <= 1e-6 * abs(analytic) + 1e-10, (group[:3], numeric, analytic)
 
 
 def expected_llama_parameters(L, C, V, head_dim):
@@ -137,6 +168,7 @@ def test_legacy_model_type_names_map_onto_pos_encoding():
     (dict(n_head=4, n_embd=20, pos_encoding="rope"), "must be even"),
     (dict(pos_encoding="grape_ap", p_head_dim=5), "p_head_dim=5 must be even"),
     (dict(pos_encoding="grape_ap", p_tie_mode="pz"), "p_tie_mode"),
+    (dict(attn_backend="flash"), "unknown attn_backend 'flash'; choose one of \\('auto', 'dense'"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
     base = dict(n_layer=1, n_head=4, n_embd=32)
