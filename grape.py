@@ -6,9 +6,10 @@ Every encoding is an ``nn.Module`` with one method the attention calls:
 
 - ``x`` is the attention input (B, T, C); ``q``, ``k`` are (B, H, T, D) after QK-norm.
 - Multiplicative encodings return rotated q/k (``q̃_t = G(t) q_t``, ``k̃_j = G(j) k_j``).
-- Additive encodings return a *bias description* (``SeparableBias`` or ``PathIntegralBias``)
-  instead of a (B, H, T, T) tensor, so each attention backend can evaluate the bias the way
-  it likes (dense for reference, block by block, or inside a kernel).
+- Additive encodings return a *bias description*, a ``Bias`` (``SeparableBias``,
+  ``PathIntegralBias`` or a subclass of their own), instead of a (B, H, T, T) tensor, so each
+  attention backend can evaluate the bias the way it likes (dense for reference, block by
+  block, or inside a kernel).
 - ``offset`` is the absolute position of the first query. With a ``LayerCache`` the
   encoding stores what streaming decoding needs (key-side gates, running sums, rotated
   probes) and the bias it returns covers every cached key.
@@ -19,7 +20,8 @@ the Tk >= Tq keys at offset+Tq-Tk..offset+Tq-1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -69,52 +71,135 @@ def positions(offset: int, length: int, device) -> Tensor:
 # Bias descriptions (what the attention backends evaluate)
 # ----------------------------------------------------------------------------------------
 
-def _key_positions(q_pos: Tensor, n_keys: int) -> Tensor:
-    end = q_pos[-1] + 1
-    return torch.arange(int(end) - n_keys, int(end), device=q_pos.device)
+@dataclass(eq=False)
+class Bias:
+    """What an additive encoding returns instead of a (B, H, Tq, Tk) tensor: a description
+    of b(t, j) that every attention backend can evaluate.
+
+    The n_queries queries sit at positions offset .. offset+n_queries-1 and the n_keys keys
+    end with the last query: offset+n_queries-n_keys .. offset+n_queries-1. Sizes and offset
+    are python ints (no tensor is read to learn a shape).
+
+    A subclass adds its tensors as dataclass fields and implements ``block``; that is enough
+    for every backend (the chunked backend evaluates ``block`` in query tiles, the dense
+    reference calls ``dense``). ``score_mod`` is optional: when it returns a FlexAttention
+    score_mod, the GPU runs the bias inside the fused flex kernel. SeparableBias and
+    PathIntegralBias also have fast paths of their own in the backends.
+    """
+    n_queries: int
+    n_keys: int
+    offset: int
+
+    def __post_init__(self):
+        if not 0 < self.n_queries <= self.n_keys:
+            raise ValueError(f"{type(self).__name__}: needs 0 < n_queries <= n_keys (queries are the last "
+                             f"keys), got n_queries={self.n_queries}, n_keys={self.n_keys}")
+
+    @property
+    def first_key(self) -> int:
+        """Absolute position of key 0."""
+        return self.offset + self.n_queries - self.n_keys
+
+    @property
+    def device(self) -> torch.device:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                return value.device
+        return torch.device("cpu")
+
+    def query_positions(self, qs: slice = slice(None)) -> Tensor:
+        start, stop, step = qs.indices(self.n_queries)
+        return torch.arange(self.offset + start, self.offset + stop, step, device=self.device)
+
+    def key_positions(self, ks: slice = slice(None)) -> Tensor:
+        start, stop, step = ks.indices(self.n_keys)
+        return torch.arange(self.first_key + start, self.first_key + stop, step, device=self.device)
+
+    @property
+    def q_pos(self) -> Tensor:
+        return self.query_positions()
+
+    @property
+    def k_pos(self) -> Tensor:
+        return self.key_positions()
+
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        """b(t, j) for the queries ``qs`` against the keys ``ks`` (slices of 0..n_queries-1 and
+        0..n_keys-1), broadcastable to (B, H, nq, nk). Entries above the causal diagonal may
+        hold any finite value: every backend masks them, and none may be needed to compute
+        the visible ones."""
+        raise NotImplementedError(f"{type(self).__name__} must implement block(qs, ks)")
+
+    def dense(self) -> Tensor:
+        """The whole (B|1, H, Tq, Tk) bias: the reference path's (and the tests') view."""
+        return self.block(slice(None), slice(None))
+
+    def score_mod(self, batch: int, n_heads: int):
+        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` adding b(t, j), with q_idx
+        a query index and kv_idx a key index (t - j = q_idx + n_keys - n_queries - kv_idx),
+        or None when the bias is not one (the backends then use ``block``)."""
+        return None
 
 
-@dataclass
-class SeparableBias:
+@dataclass(eq=False)
+class SeparableBias(Bias):
     """b(t, j) = -(t - j) * (slope_q[t] + slope_k[j]) + cum_q[t] - cum_k[j].
 
     ALiBi: slope_q = m_h. GRAPE-A: slope_q = ω_h λ_q(q_t), slope_k = ω_h λ_k(k_j).
     FoX: cum = inclusive prefix sum of log forget gates, so cum_q[t] - cum_k[j] = Σ_{j<ℓ≤t} log f_ℓ.
     Slopes and cums are (B, H, T) on the query or key side; a head-only slope is (1, H, 1).
-    Every field may be None (absent term).
+    Every field may be None (absent term), but not all of them.
     """
-    q_pos: Tensor                       # (Tq,) absolute query positions
-    n_keys: int
     slope_q: Optional[Tensor] = None    # (B|1, H, Tq|1)
     slope_k: Optional[Tensor] = None    # (B, H, Tk)
     cum_q: Optional[Tensor] = None      # (B, H, Tq)
     cum_k: Optional[Tensor] = None      # (B, H, Tk)
 
-    @property
-    def k_pos(self) -> Tensor:
-        return _key_positions(self.q_pos, self.n_keys)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.slope_q is None and self.slope_k is None and self.cum_q is None:
+            raise ValueError("SeparableBias has no term")
+        if (self.cum_q is None) != (self.cum_k is None):
+            raise ValueError("SeparableBias needs cum_q and cum_k together")
 
     def block(self, qs: slice, ks: slice) -> Tensor:
-        """Bias for queries ``qs`` against keys ``ks``: (B|1, H, nq, nk), causal part only."""
-        q_pos, k_pos = self.q_pos[qs], self.k_pos[ks]
+        q_pos, k_pos = self.query_positions(qs), self.key_positions(ks)
         dist = (q_pos[:, None] - k_pos[None, :]).to(self._dtype())          # t - j
-        out = 0.0
         slope = 0.0
         if self.slope_q is not None:
             sq = self.slope_q[..., qs] if self.slope_q.shape[-1] > 1 else self.slope_q
             slope = slope + sq[..., :, None]
         if self.slope_k is not None:
             slope = slope + self.slope_k[..., None, ks]
-        if not isinstance(slope, float):
-            out = out - dist * slope
+        out = 0.0 if isinstance(slope, float) else -dist * slope
         if self.cum_q is not None:
             out = out + self.cum_q[..., qs, None] - self.cum_k[..., None, ks]
-        if isinstance(out, float):
-            raise ValueError("SeparableBias has no term")
         return out
 
-    def dense(self) -> Tensor:
-        return self.block(slice(None), slice(None))
+    def score_mod(self, batch: int, n_heads: int):
+        """Reads the gate tensors it captures as contiguous (B, H, T) float32; FlexAttention
+        differentiates through captured tensors, so gradients reach the slopes and sums."""
+        shift = self.n_keys - self.n_queries
+
+        def full(t, n):
+            return None if t is None else t.float().expand(batch, n_heads, n).contiguous()
+
+        sq, sk = full(self.slope_q, self.n_queries), full(self.slope_k, self.n_keys)
+        cq, ck = full(self.cum_q, self.n_queries), full(self.cum_k, self.n_keys)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dist = (q_idx + shift - kv_idx).to(torch.float32)       # t - j
+            out = score
+            if sq is not None:
+                out = out - dist * sq[b, h, q_idx]
+            if sk is not None:
+                out = out - dist * sk[b, h, kv_idx]
+            if cq is not None:
+                out = out + (cq[b, h, q_idx] - ck[b, h, kv_idx])
+            return out.to(score.dtype)
+
+        return score_mod
 
     def _dtype(self):
         for t in (self.slope_q, self.slope_k, self.cum_q):
@@ -135,28 +220,30 @@ def path_integral_sum(psi: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return suffix - psi
 
 
-@dataclass
-class PathIntegralBias:
+@dataclass(eq=False)
+class PathIntegralBias(Bias):
     """GRAPE-AP: b(t, j) = Σ_{j<ℓ≤t} m_h · logsigmoid(⟨p_t, r_ℓ⟩ / d_p), r_ℓ = R_ℓ p̂_ℓ."""
-    q_pos: Tensor                 # (Tq,)
     p: Tensor                     # (B, H, Tq, dp) query-side probes
     r: Tensor                     # (B, H, Tk, dp) rotated, normalised key-side probes
     slope: Tensor                 # (H,) per-head scale m_h
 
-    @property
-    def n_keys(self) -> int:
-        return self.r.shape[2]
-
-    @property
-    def k_pos(self) -> Tensor:
-        return _key_positions(self.q_pos, self.n_keys)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.p.shape[2] != self.n_queries or self.r.shape[2] != self.n_keys:
+            raise ValueError(f"PathIntegralBias of {self.n_queries} queries x {self.n_keys} keys got probes "
+                             f"p {tuple(self.p.shape)} and r {tuple(self.r.shape)}")
 
     def psi(self, qs: slice = slice(None), ks: slice = slice(None)) -> Tensor:
         z = self.p[:, :, qs] @ self.r[:, :, ks].transpose(-1, -2) / self.p.shape[-1]
         return self.slope.view(1, -1, 1, 1) * F.logsigmoid(z)
 
-    def dense(self) -> Tensor:
-        return path_integral_sum(self.psi(), self.q_pos, self.k_pos)
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        # the path of the block's last query runs past the block's keys, up to its diagonal
+        q0, q1, _ = qs.indices(self.n_queries)
+        k0, k1, _ = ks.indices(self.n_keys)
+        path = slice(k0, max(k1, self.n_keys - self.n_queries + q1))
+        b = path_integral_sum(self.psi(qs, path), self.query_positions(qs), self.key_positions(path))
+        return b[..., :k1 - k0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,16 +251,18 @@ class PathIntegralBias:
 # ----------------------------------------------------------------------------------------
 
 def rope_frequencies(dim: int, base: float) -> Tensor:
-    """θ_i = base^(-2i/d), i = 0..d/2-1 (computed in float64, stored as float32)."""
-    i = torch.arange(0, dim // 2, dtype=torch.float64)
-    return (base ** (-2.0 * i / dim)).float()
+    """θ_i = 1 / base^(2i/d), i = 0..d/2-1, in float32 exactly as the original repository
+    computes them (so its checkpoints see the same spectrum to the last bit)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 def rotate_pairs(x: Tensor, angle: Tensor) -> Tensor:
-    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes).
+    The rotation is computed in at least float32 (as the original does; float64 stays, for the
+    gradient checks) and returned in x's dtype."""
+    x1, x2 = _float(x[..., 0::2]), _float(x[..., 1::2])
+    cos, sin = _float(angle.cos()), _float(angle.sin())
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def alibi_slopes(n_head: int) -> Tensor:
@@ -293,20 +382,39 @@ class RoPE(Encoding):
 class GrapeM(RoPE):
     """Commuting multiplicative GRAPE (§3.1) with learnable frequencies.
 
-    θ = θ_RoPE · exp(δ / s) with δ initialised to 0, i.e. log θ = log θ_RoPE + δ / s. This is
-    the official parameterisation (stored log-frequency divided by s = grape_log_freq_scale,
-    which slows its effective learning rate by s) written so that the initial frequencies are
-    RoPE's bit for bit.
+    The parameter is the original repository's: ``scaled_log_freq`` = s · log θ, initialised at
+    RoPE's spectrum, with s = grape_log_freq_scale (16) slowing its effective learning rate by
+    s; weight decay pulls it toward 0, i.e. θ toward 1, as in the original. The frequencies are
+    evaluated as θ = θ_RoPE · exp((scaled_log_freq − s · log θ_RoPE) / s), the same function
+    written so that at init the exponent is exactly 0 and GRAPE-M equals RoPE bit for bit.
+    ``grape_learnable_freq = False`` freezes them at RoPE's (and, as in the original, s = 1).
     """
 
     def __init__(self, config):
         super().__init__(config)
-        self.log_freq_scale = config.grape_log_freq_scale
+        learnable = config.grape_learnable_freq
+        self.log_freq_scale = float(config.grape_log_freq_scale) if learnable else 1.0
         shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
-        self.log_freq = nn.Parameter(torch.zeros(shape))
+        init = self.rope_scaled_log_freq().expand(shape).clone()
+        self.scaled_log_freq = nn.Parameter(init, requires_grad=learnable)
+
+    def rope_scaled_log_freq(self) -> Tensor:
+        return self.log_freq_scale * torch.log(self.inv_freq)
 
     def frequencies(self) -> Tensor:
-        return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)
+        offset = self.scaled_log_freq - self.rope_scaled_log_freq()
+        return self.inv_freq * torch.exp(offset / self.log_freq_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the original's parameterisation stored δ = s·log(θ/θ_RoPE)
+        # under the name ``log_freq``: same frequencies, other value. Convert, never reinterpret.
+        legacy, current = prefix + "log_freq", prefix + "scaled_log_freq"
+        if legacy in state_dict and current not in state_dict:
+            delta = state_dict.pop(legacy)
+            state_dict[current] = delta + self.rope_scaled_log_freq().to(delta.device, delta.dtype)
+            warnings.warn(f"{prefix}log_freq: converted a GRAPE-M checkpoint of this repository's earlier "
+                          "parameterisation (δ = s·log(θ/θ_RoPE)) to scaled_log_freq = s·log θ")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GrapeMLearnedBasis(GrapeM):
@@ -383,27 +491,41 @@ class GrapeMNonCommuting(Encoding):
 
 
 class GrapeMContextual(Encoding):
-    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/16) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
-    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only."""
+    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/s_ω) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
+    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only.
+
+    As in the original: s_ω = grape_ctx_omega_scale (16), w = 0 and b = softplus⁻¹(ω_init)
+    at init (ω_init = grape_ctx_init_omega = 1e-3, so ω₀ = sigmoid(b/16) ≈ 0.39), and learnable
+    frequencies θ = exp(log_freq) with log_freq initialised at log θ_RoPE (no scaling), shared
+    or per head (``grape_m_per_head``), frozen with ``grape_learnable_freq = False``. They are
+    evaluated as θ_RoPE · exp(log_freq − log θ_RoPE), exactly RoPE's spectrum at init.
+    """
     multiplicative = True
-    gate_temperature = 16.0
 
     def __init__(self, config):
         super().__init__(config)
         _require_even(self.head_dim, "head_dim", "rotary")
         n_out = self.n_head if config.grape_ctx_per_head else 1
+        self.omega_scale = float(config.grape_ctx_omega_scale)
         self.phase_proj = nn.Linear(config.n_embd, n_out, bias=True)
         nn.init.zeros_(self.phase_proj.weight)
-        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1e-3))
+        nn.init.constant_(self.phase_proj.bias, inverse_softplus(max(config.grape_ctx_init_omega, 1e-8)))
         self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
+        shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
+        self.log_freq = nn.Parameter(torch.log(self.inv_freq).expand(shape).clone(),
+                                     requires_grad=config.grape_learnable_freq)
+
+    def frequencies(self) -> Tensor:
+        """θ, shaped (D/2,) or (H, D/2)."""
+        return self.inv_freq * torch.exp(self.log_freq - torch.log(self.inv_freq))
 
     def increments(self, x: Tensor) -> Tensor:
         """ω_t, shaped (B, H|1, T)."""
-        return torch.sigmoid(self.phase_proj(x) / self.gate_temperature).transpose(1, 2)
+        return torch.sigmoid(self.phase_proj(x).float() / self.omega_scale).transpose(1, 2)
 
     def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
         """Φ_t = Σ_{ℓ<t} ω_ℓ (exclusive prefix sum), continued from the cache."""
-        omega = self.increments(x).float()
+        omega = self.increments(x)
         before = cache.get("phase_total") if cache is not None else None
         inclusive = omega.cumsum(-1)
         if before is not None:
@@ -415,8 +537,19 @@ class GrapeMContextual(Encoding):
 
     def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: float = 0.0):
         phi = self.phases(x, cache) + phase_offset                      # (B, H|1, T)
-        angle = phi[..., None] * self.inv_freq                          # (B, H|1, T, D/2)
+        theta = self.frequencies().float()
+        theta = theta.view(1, -1, 1, theta.shape[-1])                   # (1, H|1, 1, D/2)
+        angle = phi[..., None] * theta                                  # (B, H|1, T, D/2)
         return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the frequencies were learnable kept them at RoPE's:
+        # load those with exactly that spectrum (the parameter's initial value).
+        if prefix + "log_freq" not in state_dict and prefix + "phase_proj.weight" in state_dict:
+            state_dict[prefix + "log_freq"] = torch.log(self.inv_freq).expand_as(self.log_freq).clone()
+            warnings.warn(f"{prefix}log_freq: checkpoint from before GRAPE-M-ctx learned its frequencies; "
+                          "loaded with RoPE's fixed spectrum, as it was trained")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ALiBi(Encoding):
@@ -429,8 +562,7 @@ class ALiBi(Encoding):
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         n_keys = q.shape[2] + (cache.length if cache is not None else 0)
-        bias = SeparableBias(positions(offset, q.shape[2], q.device), n_keys,
-                             slope_q=self.slopes.view(1, -1, 1))
+        bias = SeparableBias(q.shape[2], n_keys, offset, slope_q=self.slopes.view(1, -1, 1))
         return q, k, bias
 
 
@@ -452,17 +584,19 @@ class FoX(Encoding):
         if cache is not None and cache.get("fox_cum") is not None:
             cum = cum + cache.get("fox_cum")[..., -1:]
         cum_k = cache.extend("fox_cum", cum) if cache is not None else cum
-        bias = SeparableBias(positions(offset, q.shape[2], q.device), cum_k.shape[-1],
-                             cum_q=cum, cum_k=cum_k)
+        bias = SeparableBias(q.shape[2], cum_k.shape[-1], offset, cum_q=cum, cum_k=cum_k)
         return q, k, bias
 
 
 class GrapeA(Encoding):
     """Additive GRAPE (Eq. 4.6): b_h(t, j) = -(t - j) ω_h (λ_q(q_t) + λ_k(k_j)).
 
-    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the L2-normalised
-    gate vectors; ω_h = softplus(ω̂_h)·m_h with m_h the ALiBi slope and softplus(ω̂_h) = 1 at
-    init. ``gates`` selects which of the two terms exist: "q", "k" or "qk".
+    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the gate vectors
+    L2-normalised (F.normalize, eps 1e-6) unless switched off; ω_h = softplus(ω̂_h)·m_h with
+    m_h the ALiBi slope and softplus(ω̂_h) = ω_init (1) at init. ``gates`` selects which of
+    the two terms exist: "q", "k" or "qk". The knobs keep the original's names and meaning:
+    the key gate reads keygated_u_*, the query gate querygated_v_*, ω_init comes from
+    keygated_/querygated_/querykeygated_omega_init for "k"/"q"/"qk" (None = 1).
     """
     additive = True
 
@@ -470,40 +604,46 @@ class GrapeA(Encoding):
         super().__init__(config)
         self.use_q, self.use_k = "q" in gates, "k" in gates
         d = self.head_dim
+        omega_init = {"q": config.querygated_omega_init, "k": config.keygated_omega_init,
+                      "qk": config.querykeygated_omega_init}[gates]
+        omega_init = max(1.0 if omega_init is None else float(omega_init), 1e-8)
         if self.use_q:
-            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
+            std = config.querygated_v_init_std
+            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) * (1 / math.sqrt(d) if std is None else std))
+            self.q_l2 = config.querygated_v_l2_eps if config.querygated_v_l2_norm else None
         if self.use_k:
-            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
-        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
+            std = config.keygated_u_init_std
+            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) * (1 / math.sqrt(d) if std is None else std))
+            self.k_l2 = config.keygated_u_l2_eps if config.keygated_u_l2_norm else None
+        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(omega_init)))
         self.register_buffer("slopes", alibi_slopes(self.n_head))
 
     def omega(self) -> Tensor:
         return F.softplus(self.omega_raw) * self.slopes
 
-    def _gate(self, vec: Tensor, x: Tensor) -> Tensor:
-        unit = F.normalize(vec.float(), dim=-1)                               # (H, D)
+    def _gate(self, vec: Tensor, x: Tensor, l2_eps: Optional[float]) -> Tensor:
+        unit = vec.float() if l2_eps is None else F.normalize(vec.float(), dim=-1, eps=l2_eps)   # (H, D)
         score = torch.einsum("bhtd,hd->bht", x.float(), unit) / math.sqrt(self.head_dim)
         return F.softplus(score)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         omega = self.omega().view(1, -1, 1)
-        slope_q = omega * self._gate(self.gate_q, q) if self.use_q else None
+        slope_q = omega * self._gate(self.gate_q, q, self.q_l2) if self.use_q else None
         slope_k = None
         if self.use_k:
-            slope_k = omega * self._gate(self.gate_k, k)
+            slope_k = omega * self._gate(self.gate_k, k, self.k_l2)
             if cache is not None:
                 # the key-side slope ω_h λ_k(k_j) is fixed once k_j is seen: cache it
                 slope_k = cache.extend("grape_a_slope_k", slope_k)
         n_keys = q.shape[2] + (cache.length if cache is not None else 0)
-        bias = SeparableBias(positions(offset, q.shape[2], q.device), n_keys,
-                             slope_q=slope_q, slope_k=slope_k)
+        bias = SeparableBias(q.shape[2], n_keys, offset, slope_q=slope_q, slope_k=slope_k)
         return q, k, bias
 
 
 class GrapeAP(Encoding):
     """Path-integral additive GRAPE (§5, Eq. 5.1-5.2).
 
-    p_t = W_p x_t per head (width p_head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
+    p_t = W_p x_t per head (width p_head_dim, None = head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
     the rotation by angle ℓ in every plane (RoPE with base 1), ψ_h(t, ℓ) = m_h ·
     logsigmoid(⟨p_t, r_ℓ⟩ / d_p), b_h(t, j) = Σ_{j<ℓ≤t} ψ_h(t, ℓ). ``p_tie_mode`` reuses
     q, k or v (after QK-norm; v raw) as p instead of a projection.
@@ -517,7 +657,7 @@ class GrapeAP(Encoding):
         if self.tie not in self.tie_modes:
             raise ValueError(f"p_tie_mode must be one of {self.tie_modes}, got {self.tie!r}")
         if self.tie == "none":
-            self.p_dim = config.p_head_dim
+            self.p_dim = config.p_head_dim or self.head_dim
             _require_even(self.p_dim, "p_head_dim", "GRAPE-AP (its probes rotate in planes)")
             self.p_proj = nn.Linear(config.n_embd, self.n_head * self.p_dim, bias=False)
             nn.init.normal_(self.p_proj.weight, std=0.5 / math.sqrt(config.n_embd))
@@ -534,13 +674,16 @@ class GrapeAP(Encoding):
         return {"pq": q, "pk": k, "pv": v}[self.tie]
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
-        p = self.probes(x, q, k, v).float()
-        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)
+        raw = self.probes(x, q, k, v)
+        p = raw.float()
+        # the original's F.rms_norm(p) without weight: eps = machine epsilon of p's dtype
+        # (1.2e-7 in float32, 7.8e-3 for bf16 probes under autocast)
+        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + torch.finfo(raw.dtype).eps)
         pos = positions(offset, q.shape[2], q.device).float()
         r = rotate_pairs(p_hat, pos[:, None] * self.probe_freq)
         if cache is not None:
             r = cache.extend("grape_ap_r", r)
-        bias = PathIntegralBias(positions(offset, q.shape[2], q.device), p, r, self.slopes)
+        bias = PathIntegralBias(q.shape[2], r.shape[2], offset, p=p, r=r, slope=self.slopes)
         return q, k, bias
 
 
@@ -580,29 +723,6 @@ def _require_even(value: int, name: str, why: str) -> None:
 def _float(t: Tensor) -> Tensor:
     """At least float32 (bf16/fp16 -> float32; float64 stays, for gradient checks)."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-@dataclass(eq=False)
-class Bias:
-    """Stand-in for the shared bias contract (same fields and methods) until it lands:
-    n_queries queries at offset.., keys ending with the last query; ``block(qs, ks)`` gives
-    b(t, j) for those queries x keys; ``score_mod`` a FlexAttention score_mod or None."""
-    n_queries: int
-    n_keys: int
-    offset: int
-
-    @property
-    def first_key(self) -> int:
-        return self.offset + self.n_queries - self.n_keys
-
-    def block(self, qs: slice, ks: slice) -> Tensor:
-        raise NotImplementedError
-
-    def dense(self) -> Tensor:
-        return self.block(slice(None), slice(None))
-
-    def score_mod(self, batch: int, n_heads: int):
-        return None
 
 
 def running_phase(omega: Tensor, cache: Optional[LayerCache], name: str) -> Tensor:
@@ -866,7 +986,7 @@ class GrapeAGrid(Encoding):
             # elementwise, not a matmul: autocast would round the coordinates to bf16
             cum_q = -(q_coords.unsqueeze(-2) * alpha).sum(-1).transpose(1, 2)           # (B|1, H, Tq)
             cum_k = -(k_coords.unsqueeze(-2) * alpha).sum(-1).transpose(1, 2)
-            return q, k, SeparableBias(positions(offset, Tq, q.device), n_keys, cum_q=cum_q, cum_k=cum_k)
+            return q, k, SeparableBias(Tq, n_keys, offset, cum_q=cum_q, cum_k=cum_k)
         return q, k, GridDistanceBias(Tq, n_keys, offset, q_coords=q_coords, k_coords=k_coords,
                                       slopes=alpha, distance=self.distance)
 
@@ -928,7 +1048,7 @@ class GrapeAPhase(Encoding):
         phi = running_phase(omega, cache, "grape_a_phase_total")
         cum = -self.rates().view(1, -1, 1) * phi                                     # (B, H, T)
         cum_k = cache.extend("grape_a_phase_cum", cum) if cache is not None else cum
-        return q, k, SeparableBias(positions(offset, q.shape[2], q.device), cum_k.shape[-1], cum_q=cum, cum_k=cum_k)
+        return q, k, SeparableBias(q.shape[2], cum_k.shape[-1], offset, cum_q=cum, cum_k=cum_k)
 
 
 class GrapeMContextualDictionary(Encoding):
@@ -1006,7 +1126,7 @@ class GrapeADictionary(Encoding):
         slope_k = self.rate(self.gate_k, k)
         if cache is not None:
             slope_k = cache.extend("grape_a_dict_slope_k", slope_k)
-        return q, k, SeparableBias(positions(offset, q.shape[2], q.device), slope_k.shape[-1],
+        return q, k, SeparableBias(q.shape[2], slope_k.shape[-1], offset,
                                    slope_q=self.rate(self.gate_q, q), slope_k=slope_k)
 
 

@@ -161,7 +161,7 @@ def test_shared_basis_is_one_orthogonal_E_for_all_heads_with_per_head_spectra():
     assert enc.basis_raw.shape == (1, D, D)
     with torch.no_grad():
         enc.basis_raw.normal_(0, 0.3)
-        enc.log_freq.normal_(0, 8.0)
+        enc.scaled_log_freq.normal_(0, 8.0)
     S = torch.triu(enc.basis_raw.detach().double()[0], 1)
     E = torch.linalg.matrix_exp(S - S.T)
     theta = enc.frequencies().detach().double()

@@ -193,7 +193,7 @@ def multiplicative_maps():
     rope = RoPE(config("rope"))
     gm = GrapeM(config("grape_m", grape_m_per_head=True))
     with torch.no_grad():
-        gm.log_freq.normal_(0, 3.0)
+        gm.scaled_log_freq.add_(torch.randn_like(gm.scaled_log_freq) * 3.0)
     ctx = GrapeMContextual(config("grape_m_ctx"))
     # the contextual map at phase Φ is the RoPE map at "position" Φ: evaluate it with x = 0
     # (ω = const) and read G from the phase offset
@@ -282,7 +282,7 @@ def test_grape_m_at_initial_frequencies_equals_rope_exactly():
     rope = GPT(GPTConfig(n_layer=2, n_head=H, n_embd=C, vocab_size=64, block_size=64, pos_encoding="rope"))
     grape = GPT(GPTConfig(n_layer=2, n_head=H, n_embd=C, vocab_size=64, block_size=64, pos_encoding="grape_m"))
     missing, unexpected = grape.load_state_dict(rope.state_dict(), strict=False)
-    assert unexpected == [] and all("log_freq" in m for m in missing)
+    assert unexpected == [] and all("scaled_log_freq" in m for m in missing)
     for p in grape.parameters():
         if p.dim() == 1 and p.shape[0] == D // 2:
             p.requires_grad_(False)          # frozen frequencies

@@ -153,17 +153,6 @@ def test_init_follows_the_paper():
     assert torch.equal(block.ln_1.weight, torch.ones(C))
 
 
-def test_weight_decay_skips_norm_weights():
-    model = tiny("grape_m", shift=True)
-    decay, no_decay = model.optimizer_groups(0.01)
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    no_decay_ids = {id(p) for p in no_decay["params"]}
-    for name, p in model.named_parameters():
-        if "ln_" in name or "norm" in name:
-            assert id(p) in no_decay_ids, name
-    assert all(p.dim() >= 2 for p in decay["params"])
-
-
 def test_legacy_model_type_names_map_onto_pos_encoding():
     assert settings_from_model_type("llama-mha-grape-ap-v1") == {
         "pos_encoding": "grape_ap", "use_k_shift": False, "use_v_shift": False}
@@ -181,6 +170,7 @@ def test_legacy_model_type_names_map_onto_pos_encoding():
     (dict(n_head=4, n_embd=20, pos_encoding="rope"), "must be even"),
     (dict(pos_encoding="grape_ap", p_head_dim=5), "p_head_dim=5 must be even"),
     (dict(pos_encoding="grape_ap", p_tie_mode="pz"), "p_tie_mode"),
+    (dict(attn_backend="flash"), "unknown attn_backend 'flash'; choose one of \\('auto', 'dense'"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
     base = dict(n_layer=1, n_head=4, n_embd=32)
