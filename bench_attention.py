@@ -40,26 +40,34 @@ ENCODINGS = ["nope", "rope", "grape_m", "grape_m_ctx", "alibi", "fox",
 SECTION = "## Attention (CPU)"
 
 
-def config_for(encoding: str, backend: str, T: int) -> GPTConfig:
-    return GPTConfig(n_layer=2, n_embd=256, n_head=4, block_size=T, vocab_size=50304,
+def config_for(encoding: str, backend: str, T: int, n_embd: int = 256, n_head: int = 4,
+               vocab_size: int = 50304) -> GPTConfig:
+    return GPTConfig(n_layer=2, n_embd=n_embd, n_head=n_head, block_size=T, vocab_size=vocab_size,
                      pos_encoding=encoding, attn_backend=backend)
 
 
-def make_step(what: str, config: GPTConfig, device):
+def make_step(what: str, config: GPTConfig, device, dtype: str = "float32"):
+    """One forward+backward; ``dtype`` 'bfloat16'/'float16' runs it under autocast (float32
+    weights), as train_adam_finewebedu.py does on a GPU."""
     torch.manual_seed(0)
     T = config.block_size
+    amp = (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else torch.autocast(device.type, enabled=False))
     if what == "layer":
         layer = Attention(config).to(device)
         x = torch.randn(1, T, config.n_embd, device=device, requires_grad=True)
 
         def step():
-            layer(x).square().mean().backward()
+            with amp:
+                y = layer(x)
+            y.float().square().mean().backward()
     else:
         model = GPT(config).to(device)
         idx = torch.randint(0, config.vocab_size, (1, T + 1), device=device)
 
         def step():
-            _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+            with amp:
+                loss = model(idx[:, :-1], targets=idx[:, 1:])[1]
             loss.backward()
     return step
 
@@ -69,7 +77,8 @@ def current_rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats: int) -> dict:
+def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats: int,
+            dtype: str = "float32", n_embd: int = 256, n_head: int = 4, vocab_size: int = 50304) -> dict:
     """Runs in the process that measures: returns times (s), peak (MiB) and the backend used."""
     chosen = set()
     pick = attention.choose_backend
@@ -81,7 +90,7 @@ def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats
     attention.choose_backend = recording_choice
     try:
         dev = torch.device(device)
-        step = make_step(what, config_for(encoding, backend, T), dev)
+        step = make_step(what, config_for(encoding, backend, T, n_embd, n_head, vocab_size), dev, dtype)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             sync()
@@ -106,15 +115,23 @@ def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats
     return {"time": statistics.median(times), "peak": peak, "used": used}
 
 
-def run_config(what, encoding, backend, T, device, repeats) -> dict:
+def run_config(what, encoding, backend, T, device, repeats, **shape) -> dict:
+    """``measure`` in isolation: in a forked child on CPU; on a GPU in this process, with an
+    error (out of memory, a kernel that fails) reported in the result instead of raised."""
     if device != "cpu":
-        return measure(what, encoding, backend, T, device, repeats)
+        try:
+            return measure(what, encoding, backend, T, device, repeats, **shape)
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}"[:200]}
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:                                  # child: measure, send JSON, exit
         os.close(read)
         try:
-            out = measure(what, encoding, backend, T, device, repeats)
+            out = measure(what, encoding, backend, T, device, repeats, **shape)
         except Exception as e:                    # e.g. out of memory: report, do not crash the run
             out = {"error": f"{type(e).__name__}: {e}"[:200]}
         with os.fdopen(write, "w") as f:
@@ -177,14 +194,18 @@ def table(results: dict, what: str, Ts, encodings) -> list[str]:
     return lines
 
 
+def shape_text(args) -> str:
+    text = f"batch 1, {args.n_head} heads of {args.n_embd // args.n_head}, n_embd {args.n_embd}"
+    return text + (f", {args.dtype} autocast" if args.dtype != "float32" else "")
+
+
 def report(results, args, Ts, encodings, elapsed) -> str:
     head = SECTION if args.device == "cpu" else f"## Attention ({args.device.upper()})"
     cmd = "python " + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
     lines = [head, "",
              f"Machine: {machine_description(args.device)}.",
              f"Command: `{cmd}` ({elapsed / 60:.0f} min).",
-             f"Median of {args.repeats} forward+backward steps after one warm-up; batch 1, 4 heads of 64, "
-             "n_embd 256. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
+             f"Median of {args.repeats} forward+backward steps after one warm-up; {shape_text(args)}. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
              "before the step; CUDA: max_memory_allocated). ×RoPE: against RoPE with the auto backend "
              "(SDPA) of the same T; auto/dense: the same encoding through the dense T² reference path.",
              ""]
@@ -197,14 +218,20 @@ def report(results, args, Ts, encodings, elapsed) -> str:
 
 
 def write_section(path: str, section: str) -> None:
-    """Replace (or append) this section of the file, keeping every other section."""
+    """Replace this section of the file where it stands (or append it), keeping every other
+    section; a section runs from its '## ' heading to the next one."""
     head = section.splitlines()[0]
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if head in old:
-        start = old.index(head)
-        nxt = old.find("\n## ", start + len(head))
-        old = old[:start] + old[nxt + 1:] if nxt >= 0 else old[:start]
-    new = old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    body = section.rstrip("\n") + "\n"
+    lines = old.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == head]
+    if starts:
+        i = starts[0]
+        j = next((n for n in range(i + 1, len(lines)) if lines[n].startswith("## ")), len(lines))
+        rest = "".join(lines[j:])
+        new = "".join(lines[:i]) + body + ("\n" + rest if rest else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + body
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)
@@ -219,6 +246,10 @@ def main():
     ap.add_argument("--what", nargs="+", default=["layer", "model"], choices=["layer", "model"])
     ap.add_argument("--backends", nargs="+", default=["auto", "dense"], choices=["auto", "dense"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="autocast dtype of the step (float32 weights, as in training)")
+    ap.add_argument("--n_embd", type=int, default=256)
+    ap.add_argument("--n_head", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="T 256 512, rope/alibi/grape_ap, 1 repeat")
     ap.add_argument("--out", help="write the results as a section of this markdown file (e.g. BENCHMARKS.md)")
     ap.add_argument("--note", default="", help="a line added to the written section")
@@ -232,7 +263,8 @@ def main():
         for what in args.what:
             for enc in encodings:
                 for backend in args.backends:
-                    r = run_config(what, enc, backend, T, args.device, args.repeats)
+                    r = run_config(what, enc, backend, T, args.device, args.repeats,
+                                   dtype=args.dtype, n_embd=args.n_embd, n_head=args.n_head)
                     results[(what, enc, backend, T)] = r
                     print(f"T={T} {what:5s} {enc:12s} {backend:5s} " +
                           (r["error"] if "error" in r else

@@ -87,6 +87,9 @@ TRAIN_DEFAULTS = dict(
     deterministic=False,          # deterministic kernels
     bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware
     gpu_peak_flops=0.0,           # for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
+    # sizing (sizing.py)
+    dry_run=False,                # print parameters, tokens/FLOPs per step, peak memory per GPU; then stop
+    gpu="",                       # dry run for a named GPU, e.g. 'h100' or '8xh100'; '' = the detected one
 )
 MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096)
 
@@ -189,6 +192,11 @@ def main(argv=None) -> dict:
     values, accepted = defaults()
     cfg, explicit = configure(argv, values, accepted)
     validate(cfg)
+    if cfg.dry_run:                     # size the run and stop: no device, data or out_dir is touched
+        from sizing import dry_run
+        text, estimate, _ = dry_run(cfg)
+        print(text)
+        return {"dry_run": estimate}
     from dataloader import TokenBatches   # imported late: the data module is optional for --help-like uses
 
     # -- processes and devices ------------------------------------------------------------
