@@ -421,7 +421,7 @@ def main(argv=None) -> dict:
                 sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
                 with sync:
                     with autocast:
-                        _, loss = model(x, y)
+                        loss = model(x, y)[1]   # drop the float32 logits now, not after the backward
                     loss = loss / accum
                     scaler.scale(loss).backward()
                 step_loss += loss.detach()
