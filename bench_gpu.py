@@ -23,9 +23,11 @@ additive encoding at most 1.5x RoPE's peak memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,6 +166,7 @@ def stage_tests(args, size: Sizes):
 # Stage: attention benchmark with targets
 # ----------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def bias_kind_of(encoding: str) -> str:
     """'none', 'separable', 'separable_gated' or 'path_integral': run the encoding once on
     meta tensors and look at the bias it returns."""
@@ -308,13 +311,14 @@ def stage_training(args, size: Sizes):
     rows, failures, t0 = {}, 0, time.time()
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         per_step = size.train["batch_size"] * size.train["block_size"]
-        data = write_random_shards(os.path.join(tmp), size.train["vocab_size"], max(200_000, 4 * per_step))
+        data = write_random_shards(tmp, size.train["vocab_size"], max(200_000, 4 * per_step))
         for enc in encodings:
             out = os.path.join(tmp, f"out-{enc}")
             cmd = [sys.executable, "train_adam_finewebedu.py", *train_argv(size, args, data, out, enc)]
             start = time.time()
             done = run(cmd, timeout=1800)
             log = [r for r in read_log(out) if "tokens_per_sec" in r]
+            shutil.rmtree(out, ignore_errors=True)     # its checkpoint: GBs at the full size
             if done.returncode != 0 or not log:
                 failures += 1
                 err = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
