@@ -174,23 +174,28 @@ def fmt(r, key, scale=1.0, digits=0):
     return f"{r[key] * scale:.{digits}f}"
 
 
-def table(results: dict, what: str, Ts, encodings) -> list[str]:
-    lines = [f"| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
-             f"| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def measured_rows(results: dict, what: str, Ts, encodings):
+    """(T, encoding, auto result, dense result, RoPE's auto result at T) for each measured row."""
     for T in Ts:
         rope = results.get((what, "rope", "auto", T))
         for enc in encodings:
             a, d = results.get((what, enc, "auto", T)), results.get((what, enc, "dense", T))
-            if a is None and d is None:
-                continue
-            ok = lambda r: r is not None and "error" not in r
-            lines.append(
-                f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
-                f"| {fmt(a, 'time', 1e3)} | {ratio(a['time'], rope['time']) if ok(a) and ok(rope) else '-'} "
-                f"| {fmt(d, 'time', 1e3)} | {ratio(a['time'], d['time']) if ok(a) and ok(d) else '-'} "
-                f"| {fmt(a, 'peak')} | {ratio(a['peak'], rope['peak']) if ok(a) and ok(rope) else '-'} "
-                f"| {fmt(d, 'peak')} | {ratio(a['peak'], d['peak']) if ok(a) and ok(d) else '-'} |")
+            if a is not None or d is not None:
+                yield T, enc, a, d, rope
+
+
+def table(results: dict, what: str, Ts, encodings) -> list[str]:
+    lines = [f"| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
+             f"| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok = lambda r: r is not None and "error" not in r
+    for T, enc, a, d, rope in measured_rows(results, what, Ts, encodings):
+        lines.append(
+            f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
+            f"| {fmt(a, 'time', 1e3)} | {ratio(a['time'], rope['time']) if ok(a) and ok(rope) else '-'} "
+            f"| {fmt(d, 'time', 1e3)} | {ratio(a['time'], d['time']) if ok(a) and ok(d) else '-'} "
+            f"| {fmt(a, 'peak')} | {ratio(a['peak'], rope['peak']) if ok(a) and ok(rope) else '-'} "
+            f"| {fmt(d, 'peak')} | {ratio(a['peak'], d['peak']) if ok(a) and ok(d) else '-'} |")
     return lines
 
 

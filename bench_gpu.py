@@ -192,32 +192,27 @@ def verdict(value, limit) -> str:
 
 def attention_rows(results: dict, what: str, Ts, encodings, target_T: int):
     """Table rows, and the list of (encoding, what, 'time'|'memory', passed) at target_T."""
-    from bench_attention import fmt
+    from bench_attention import fmt, measured_rows
     ok = lambda r: r is not None and "error" not in r
     rows, checks = [], []
-    for T in Ts:
-        rope = results.get((what, "rope", "auto", T))
-        for enc in encodings:
-            a, d = results.get((what, enc, "auto", T)), results.get((what, enc, "dense", T))
-            if a is None and d is None:
-                continue
-            kind = bias_kind_of(enc)
-            t_ratio = a["time"] / rope["time"] if ok(a) and ok(rope) else None
-            m_ratio = a["peak"] / rope["peak"] if ok(a) and ok(rope) and rope["peak"] > 0 else None
-            t_limit = TIME_TARGETS.get(kind) if T == target_T else None
-            m_limit = MEMORY_TARGET if (kind != "none" and T == target_T) else None
-            if t_limit is not None:
-                checks.append((enc, what, "time", t_ratio is not None and t_ratio <= t_limit))
-            if m_limit is not None:
-                checks.append((enc, what, "memory", m_ratio is not None and m_ratio <= m_limit))
-            r2 = lambda v: f"{v:.2f}" if v is not None else "-"
-            rows.append(
-                f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
-                f"| {fmt(a, 'time', 1e3, 1)} | {r2(t_ratio)} | {verdict(t_ratio, t_limit)} "
-                f"| {fmt(a, 'peak')} | {r2(m_ratio)} | {verdict(m_ratio, m_limit)} "
-                f"| {fmt(d, 'time', 1e3, 1) if d else '-'} | {fmt(d, 'peak') if d else '-'} "
-                f"| {r2(a['time'] / d['time']) if ok(a) and ok(d) else '-'} "
-                f"| {r2(a['peak'] / d['peak']) if ok(a) and ok(d) and d['peak'] > 0 else '-'} |")
+    for T, enc, a, d, rope in measured_rows(results, what, Ts, encodings):
+        kind = bias_kind_of(enc)
+        t_ratio = a["time"] / rope["time"] if ok(a) and ok(rope) else None
+        m_ratio = a["peak"] / rope["peak"] if ok(a) and ok(rope) and rope["peak"] > 0 else None
+        t_limit = TIME_TARGETS.get(kind) if T == target_T else None
+        m_limit = MEMORY_TARGET if (kind != "none" and T == target_T) else None
+        if t_limit is not None:
+            checks.append((enc, what, "time", t_ratio is not None and t_ratio <= t_limit))
+        if m_limit is not None:
+            checks.append((enc, what, "memory", m_ratio is not None and m_ratio <= m_limit))
+        r2 = lambda v: f"{v:.2f}" if v is not None else "-"
+        rows.append(
+            f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
+            f"| {fmt(a, 'time', 1e3, 1)} | {r2(t_ratio)} | {verdict(t_ratio, t_limit)} "
+            f"| {fmt(a, 'peak')} | {r2(m_ratio)} | {verdict(m_ratio, m_limit)} "
+            f"| {fmt(d, 'time', 1e3, 1) if d else '-'} | {fmt(d, 'peak') if d else '-'} "
+            f"| {r2(a['time'] / d['time']) if ok(a) and ok(d) else '-'} "
+            f"| {r2(a['peak'] / d['peak']) if ok(a) and ok(d) and d['peak'] > 0 else '-'} |")
     head = ["| T | encoding | auto uses | time (ms) | ×RoPE | time target | peak (MiB) | ×RoPE | memory target "
             "| dense time (ms) | dense peak (MiB) | auto/dense time | auto/dense peak |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
