@@ -43,8 +43,16 @@ from torch import Tensor
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton                      # noqa: E402  (after the interpreter switch above)
-import triton.language as tl       # noqa: E402
+# Every triton import in one try block: only the triton backend imports this module, and
+# transformers' import check of the remote code that checkpoint folders carry (hf_checkpoint.py)
+# treats imports inside a try as optional, so a folder loads where triton is not installed.
+try:
+    import triton                      # noqa: E402  (after the interpreter switch above)
+    import triton.language as tl       # noqa: E402
+    from triton.backends.compiler import GPUTarget                  # noqa: E402
+    from triton.runtime.interpreter import InterpretedFunction      # noqa: E402
+except ImportError as err:
+    raise ImportError("the GRAPE-AP Triton kernel needs triton (pip install triton)") from err
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -58,7 +66,6 @@ def _interpreting() -> bool:
 def _interpreter_ready() -> bool:
     """True when Triton's own jit helpers (tl.zeros, tl.sum...) were built for the interpreter,
     i.e. TRITON_INTERPRET=1 was set before the process first imported triton."""
-    from triton.runtime.interpreter import InterpretedFunction
     return isinstance(tl.zeros, InterpretedFunction) and isinstance(_logsigmoid, InterpretedFunction)
 
 
@@ -376,13 +383,13 @@ def grape_ap_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, sl
 
 def grape_ap_triton_attention(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
     """Backend entry point: ``bias`` is a ``grape.PathIntegralBias``; same result as
-    ``attention.dense_attention(q, k, v, bias)``."""
+    ``attention_common.dense_attention(q, k, v, bias)``."""
     from grape import PathIntegralBias
     if not isinstance(bias, PathIntegralBias):
         raise TypeError(f"grape_ap_triton: bias must be a PathIntegralBias, got {type(bias).__name__}")
-    if bias.q_pos.shape != (q.shape[2],):
-        raise ValueError(f"grape_ap_triton: bias.q_pos {tuple(bias.q_pos.shape)} does not match "
-                         f"{q.shape[2]} queries")
+    if (bias.n_queries, bias.n_keys) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"grape_ap_triton: the bias covers {bias.n_queries} queries x {bias.n_keys} keys, "
+                         f"attention has {q.shape[2]} x {k.shape[2]}")
     return grape_ap_attention(q, k, v, bias.p, bias.r, bias.slope)
 
 
@@ -394,7 +401,6 @@ def compile_for_gpu(arch: int = 90, head_dim: int = 64, dtype: str = "bf16") -> 
     """
     import subprocess
     import tempfile
-    from triton.backends.compiler import GPUTarget
     if _interpreting():
         raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET=0 before triton is imported")
     precision = "ieee" if dtype == "fp32" else "tf32"

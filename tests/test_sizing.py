@@ -147,10 +147,12 @@ def test_every_encoding_and_backend_is_sized():
     """The encoding's own saved tensors are traced on the meta device: every ENCODINGS entry
     (and a composition) must go through, on each backend attention.BACKENDS names."""
     import attention
-    from grape import ENCODINGS
+    from grape import ENCODINGS, GRID_ENCODINGS
     for name in [*ENCODINGS, "rope+grape_ap"]:
         for backend in ["auto", *attention.BACKENDS]:
-            config = GPTConfig(**{**BASE, "pos_encoding": name, "attn_backend": backend})
+            on_grid = any(part in GRID_ENCODINGS for part in name.split("+"))
+            config = GPTConfig(**{**BASE, "pos_encoding": name, "attn_backend": backend,
+                                  "grid": (16, 16) if on_grid else None})
             est = sizing.estimate(config, 2, device_type="cpu", autocast=None, compiled=False)
             assert est.peak > 16 * est.parameters // 2
 
