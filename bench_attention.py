@@ -13,7 +13,8 @@ Peak memory:
 - CUDA: torch.cuda.max_memory_allocated() minus the memory allocated before the step.
 - CPU: PyTorch's CPU allocator keeps no statistics (and tracemalloc does not see its
   allocations), so each configuration runs in a child process forked from this one
-  (fork is cheap and skips re-importing torch/transformers): peak resident set size
+  (fork is cheap and skips re-importing torch/transformers; run it as a command: a child forked
+  from a process that has already run OpenMP work can hang in libgomp): peak resident set size
   (getrusage ru_maxrss) minus the resident size just before the first step. The number
   therefore covers activations, gradients and temporaries as the OS sees them, allocator
   slack included; parameters and inputs are already resident before the step.
@@ -56,27 +57,35 @@ FAMILY_SECTION = "## Attention (CPU): the rest of the GRAPE family"
 PRECISION_SECTION = "## Attention precision (float32)"
 
 
-def config_for(encoding: str, backend: str, T: int) -> GPTConfig:
+def config_for(encoding: str, backend: str, T: int, n_embd: int = 256, n_head: int = 4,
+               vocab_size: int = 50304) -> GPTConfig:
     on_grid = any(part in grape.GRID_ENCODINGS for part in encoding.split("+"))
-    return GPTConfig(n_layer=2, n_embd=256, n_head=4, block_size=T, vocab_size=50304,
+    return GPTConfig(n_layer=2, n_embd=n_embd, n_head=n_head, block_size=T, vocab_size=vocab_size,
                      pos_encoding=encoding, attn_backend=backend, grid=(T // 64, 64) if on_grid else None)
 
 
-def make_step(what: str, config: GPTConfig, device):
+def make_step(what: str, config: GPTConfig, device, dtype: str = "float32"):
+    """One forward+backward; ``dtype`` 'bfloat16'/'float16' runs it under autocast (float32
+    weights), as train_adam_finewebedu.py does on a GPU."""
     torch.manual_seed(0)
     T = config.block_size
+    amp = (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else torch.autocast(device.type, enabled=False))
     if what == "layer":
         layer = Attention(config).to(device)
         x = torch.randn(1, T, config.n_embd, device=device, requires_grad=True)
 
         def step():
-            layer(x).square().mean().backward()
+            with amp:
+                y = layer(x)
+            y.float().square().mean().backward()
     else:
         model = GPT(config).to(device)
         idx = torch.randint(0, config.vocab_size, (1, T + 1), device=device)
 
         def step():
-            _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+            with amp:
+                loss = model(idx[:, :-1], targets=idx[:, 1:])[1]
             loss.backward()
     return step
 
@@ -86,7 +95,8 @@ def current_rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats: int) -> dict:
+def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats: int,
+            dtype: str = "float32", n_embd: int = 256, n_head: int = 4, vocab_size: int = 50304) -> dict:
     """Runs in the process that measures: returns times (s), peak (MiB) and the backend used."""
     chosen = set()
     pick = attention.choose_backend
@@ -98,7 +108,7 @@ def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats
     attention.choose_backend = recording_choice
     try:
         dev = torch.device(device)
-        step = make_step(what, config_for(encoding, backend, T), dev)
+        step = make_step(what, config_for(encoding, backend, T, n_embd, n_head, vocab_size), dev, dtype)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             sync()
@@ -123,15 +133,23 @@ def measure(what: str, encoding: str, backend: str, T: int, device: str, repeats
     return {"time": statistics.median(times), "peak": peak, "used": used}
 
 
-def run_config(what, encoding, backend, T, device, repeats) -> dict:
+def run_config(what, encoding, backend, T, device, repeats, **shape) -> dict:
+    """``measure`` in isolation: in a forked child on CPU; on a GPU in this process, with an
+    error (out of memory, a kernel that fails) reported in the result instead of raised."""
     if device != "cpu":
-        return measure(what, encoding, backend, T, device, repeats)
+        try:
+            return measure(what, encoding, backend, T, device, repeats, **shape)
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}"[:200]}
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:                                  # child: measure, send JSON, exit
         os.close(read)
         try:
-            out = measure(what, encoding, backend, T, device, repeats)
+            out = measure(what, encoding, backend, T, device, repeats, **shape)
         except Exception as e:                    # e.g. out of memory: report, do not crash the run
             out = {"error": f"{type(e).__name__}: {e}"[:200]}
         with os.fdopen(write, "w") as f:
@@ -240,24 +258,34 @@ def fmt(r, key, scale=1.0, digits=0):
     return f"{r[key] * scale:.{digits}f}"
 
 
-def table(results: dict, what: str, Ts, encodings) -> list[str]:
-    lines = [f"| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
-             f"| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def measured_rows(results: dict, what: str, Ts, encodings):
+    """(T, encoding, auto result, dense result, RoPE's auto result at T) for each measured row."""
     for T in Ts:
         rope = results.get((what, "rope", "auto", T))
         for enc in encodings:
             a, d = results.get((what, enc, "auto", T)), results.get((what, enc, "dense", T))
-            if a is None and d is None:
-                continue
-            ok = lambda r: r is not None and "error" not in r
-            lines.append(
-                f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
-                f"| {fmt(a, 'time', 1e3)} | {ratio(a['time'], rope['time']) if ok(a) and ok(rope) else '-'} "
-                f"| {fmt(d, 'time', 1e3)} | {ratio(a['time'], d['time']) if ok(a) and ok(d) else '-'} "
-                f"| {fmt(a, 'peak')} | {ratio(a['peak'], rope['peak']) if ok(a) and ok(rope) else '-'} "
-                f"| {fmt(d, 'peak')} | {ratio(a['peak'], d['peak']) if ok(a) and ok(d) else '-'} |")
+            if a is not None or d is not None:
+                yield T, enc, a, d, rope
+
+
+def table(results: dict, what: str, Ts, encodings) -> list[str]:
+    lines = [f"| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
+             f"| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok = lambda r: r is not None and "error" not in r
+    for T, enc, a, d, rope in measured_rows(results, what, Ts, encodings):
+        lines.append(
+            f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
+            f"| {fmt(a, 'time', 1e3)} | {ratio(a['time'], rope['time']) if ok(a) and ok(rope) else '-'} "
+            f"| {fmt(d, 'time', 1e3)} | {ratio(a['time'], d['time']) if ok(a) and ok(d) else '-'} "
+            f"| {fmt(a, 'peak')} | {ratio(a['peak'], rope['peak']) if ok(a) and ok(rope) else '-'} "
+            f"| {fmt(d, 'peak')} | {ratio(a['peak'], d['peak']) if ok(a) and ok(d) else '-'} |")
     return lines
+
+
+def shape_text(args) -> str:
+    text = f"batch 1, {args.n_head} heads of {args.n_embd // args.n_head}, n_embd {args.n_embd}"
+    return text + (f", {args.dtype} autocast" if args.dtype != "float32" else "")
 
 
 def report(results, args, Ts, encodings, elapsed) -> str:
@@ -268,8 +296,7 @@ def report(results, args, Ts, encodings, elapsed) -> str:
     lines = [head, "",
              f"Machine: {machine_description(args.device)}.",
              f"Command: `{cmd}` ({elapsed / 60:.0f} min).",
-             f"Median of {args.repeats} forward+backward steps after one warm-up; batch 1, 4 heads of 64, "
-             "n_embd 256. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
+             f"Median of {args.repeats} forward+backward steps after one warm-up; {shape_text(args)}. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
              "before the step; CUDA: max_memory_allocated). ×RoPE: against RoPE with the auto backend "
              "(SDPA) of the same T; auto/dense: the same encoding through the dense T² reference path.",
              ""]
@@ -282,14 +309,20 @@ def report(results, args, Ts, encodings, elapsed) -> str:
 
 
 def write_section(path: str, section: str) -> None:
-    """Replace (or append) this section of the file, keeping every other section."""
+    """Replace this section of the file where it stands (or append it), keeping every other
+    section; a section runs from its '## ' heading to the next one."""
     head = section.splitlines()[0]
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if head in old:
-        start = old.index(head)
-        nxt = old.find("\n## ", start + len(head))
-        old = old[:start] + old[nxt + 1:] if nxt >= 0 else old[:start]
-    new = old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    body = section.rstrip("\n") + "\n"
+    lines = old.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == head]
+    if starts:
+        i = starts[0]
+        j = next((n for n in range(i + 1, len(lines)) if lines[n].startswith("## ")), len(lines))
+        rest = "".join(lines[j:])
+        new = "".join(lines[:i]) + body + ("\n" + rest if rest else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + body
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)
@@ -305,6 +338,10 @@ def main():
     ap.add_argument("--what", nargs="+", default=["layer", "model"], choices=["layer", "model"])
     ap.add_argument("--backends", nargs="+", default=["auto", "dense"], choices=["auto", "dense"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="autocast dtype of the step (float32 weights, as in training)")
+    ap.add_argument("--n_embd", type=int, default=256)
+    ap.add_argument("--n_head", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="T 256 512, rope/alibi/grape_ap, 1 repeat")
     ap.add_argument("--out", help="write the results as a section of this markdown file (e.g. BENCHMARKS.md)")
     ap.add_argument("--note", default="", help="a line added to the written section")
@@ -327,7 +364,8 @@ def main():
         for what in args.what:
             for enc in encodings:
                 for backend in args.backends:
-                    r = run_config(what, enc, backend, T, args.device, args.repeats)
+                    r = run_config(what, enc, backend, T, args.device, args.repeats,
+                                   dtype=args.dtype, n_embd=args.n_embd, n_head=args.n_head)
                     results[(what, enc, backend, T)] = r
                     print(f"T={T} {what:5s} {enc:12s} {backend:5s} " +
                           (r["error"] if "error" in r else

@@ -1083,9 +1083,12 @@ class GrapeMContextualDictionary(Encoding):
         return running_phase(omega, cache, "grape_ctx_dict_total")
 
     def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0):
-        phi = self.phases(x, cache) + torch.as_tensor(phase_offset, device=x.device).reshape(-1, 1)
-        with torch.autocast(x.device.type, enabled=False):                           # angles need fp32
-            angle = torch.einsum("brt,hri->bhti", phi, _float(self.mix)) * self.inv_freq   # (B, H, T, d/2)
+        phi = self.phases(x, cache)
+        # a float is added as is (torch.as_tensor of a python float fails on the meta device)
+        phi = phi + (phase_offset.reshape(-1, 1) if isinstance(phase_offset, Tensor) else phase_offset)
+        # elementwise, not an einsum: autocast would take a matmul to bf16, and angles need fp32
+        mix = _float(self.mix)[None, :, :, None, :]                                   # (1, H, R, 1, d/2)
+        angle = (_float(phi)[:, None, :, :, None] * mix).sum(2) * self.inv_freq       # (B, H, T, d/2)
         return rotate_pairs(q, angle), rotate_pairs(k, angle), None
 
 

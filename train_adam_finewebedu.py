@@ -100,6 +100,9 @@ TRAIN_DEFAULTS = dict(
     deterministic=False,          # deterministic kernels
     bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware
     gpu_peak_flops=0.0,           # for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
+    # sizing (sizing.py)
+    dry_run=False,                # print parameters, tokens/FLOPs per step, peak memory per GPU; then stop
+    gpu="",                       # dry run for a named GPU, e.g. 'h100' or '8xh100'; '' = the detected one
 )
 # the original training script's model defaults (its p_head_dim None means head_dim)
 MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096, p_head_dim=None)
@@ -249,6 +252,11 @@ def train(argv, on_exit: ExitStack) -> dict:
     cfg, explicit = configure(argv, values, accepted)
     derive_defaults(cfg, explicit)
     validate(cfg, explicit)
+    if cfg.dry_run:                     # size the run and stop: no device, data or out_dir is touched
+        from sizing import dry_run
+        text, estimate, _ = dry_run(cfg)
+        print(text)
+        return {"dry_run": estimate}
     from dataloader import TokenBatches   # imported late: the data module is optional for --help-like uses
 
     # -- processes and devices ------------------------------------------------------------
@@ -544,7 +552,7 @@ def train(argv, on_exit: ExitStack) -> dict:
                 sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
                 with sync:
                     with autocast:
-                        _, loss = model(x, y)
+                        loss = model(x, y)[1]   # drop the float32 logits now, not after the backward
                     loss = loss / accum
                     scaler.scale(loss).backward()
                 step_loss += loss.detach()
