@@ -1,26 +1,51 @@
 """Linear-memory attention with an additive bias, in plain PyTorch (the CPU training path).
 
-Nothing here builds a (B, H, Tq, Tk) tensor; activation memory is linear in T.
+Nothing here builds a (B, H, Tq, Tk) tensor; activation memory is linear in T. Any
+``grape.Bias`` runs through ``tiled_attention``; the two bias types of the paper have faster
+special paths. Every path is exactly causal: the output of query t reads no value of a later
+position, not even through rounding, so changing later tokens changes no bit of it.
 
-SeparableBias (ALiBi, FoX, GRAPE-A): the bias matrix has rank <= 4,
+Any Bias: query tiles. Each tile computes its logits, adds ``bias.block`` for its visible keys,
+masks, softmaxes and multiplies by v, under ``torch.utils.checkpoint``: backward recomputes
+the tile, so only q, k, v and one output per tile are kept.
 
-    b(t, j) = -(t - j)(sq_t + sk_j) + cq_t - ck_j
-            = sq_t · j  +  (-t sq_t + cq_t) · 1  +  1 · (j sk_j - ck_j)  +  (-t) · sk_j,
+SeparableBias (ALiBi, FoX, GRAPE-A): the bias has low rank,
 
-so it rides along in the q·k product as up to four extra columns of q and k. Attention is
-then one ``F.scaled_dot_product_attention`` call (the fused flash kernel on CPU, which keeps
-only a logsumexp per row for backward); autograd carries the gradients back to the slopes
-and cumulative sums. Positions are centred on the middle key and the cumulative sums on the
-middle key's value to keep the extra columns small. Precision (float32): the columns are as
-large as T/2 · slope (or half the range of FoX's cumulative sums), and the dot product rounds
-at that magnitude, so logits carry an absolute error of ~6e-8 × that (about 1e-4 at T = 4096)
-where the dense path rounds each b(t, j) on its own. That is far below bf16 resolution;
-it is visible only in float32 comparisons at long T.
+    b(t, j) = -(t - j)(sq_t + sk_j) + cq_t - ck_j,
+
+so it rides along in the q·k product as a few extra columns of q and k, and attention is one
+``F.scaled_dot_product_attention`` call (the fused flash kernel on CPU, which keeps only a
+logsumexp per row for backward); autograd carries the gradients back to the slopes and sums.
+The float32 dot product rounds at the size of its terms, so the columns are kept small for
+the near keys that carry the weight. The keys are cut into n_kb blocks (as many as fit in the
+zero padding the kernel needs anyway, at least 4), each with its own reference: its first
+position c_β and that key's cumulative sum ρ_β. With β the block of key j,
+
+    b(t, j) = sq_t · (j - c_β)  +  A_β(t) · 1  +  1 · C_j  -  (t - c) · sk_j,
+    A_β(t) = -(t - c_β) sq_t + cq_t - ρ_β,      C_j = (j - c) sk_j - (ck_j - ρ_β),
+
+where the term A_β(t) sits in n_kb query columns, one per block, facing one-hot key columns
+(1 on the keys of block β). A visible key j ≤ t meets only its own block's A_β(t), whose
+references come from positions ≤ j; the other blocks' columns (future ones included) meet
+exact zeros. c is the middle key's position: a number fixed by the length, never a token's
+value. Precision: the dot product rounds at the size of its terms, about |sq|·(block length)
+or the range of FoX's sums over a block for the near keys (|sk|·T/2 for the sk term), where
+the dense path rounds each b(t, j) on its own. Largest float32 output error against a float64
+dense reference at T = 4096 (B = 1, H = 4, D = 64, v ~ N(0, 1); parameters at init / all
+perturbed; ``python bench_attention.py --precision --T 4096``):
+
+    ALiBi 1.0e-5, FoX 3.2e-5 / 1.9e-4, GRAPE-A-q 4.7e-6 / 5.5e-6,
+    GRAPE-A-k 2.6e-5 / 3.3e-5, GRAPE-A-qk 3.1e-5 / 3.5e-5   (dense float32: ~1e-6)
+
+(with one reference at the middle key, before the key blocks: ALiBi 2.1e-5, FoX 1.7e-4 /
+7.4e-4, GRAPE-A-q 1.8e-5, GRAPE-A-qk 5.5e-5 / 3.6e-5). All far below bf16 resolution.
 
 PathIntegralBias (GRAPE-AP): b(t, j) = Σ_{j<ℓ≤t} ψ(t, ℓ) is a per-row suffix sum, not low
 rank. Queries go in blocks; each block sees its visible keys in *reverse* order, where the
 suffix sum becomes a plain prefix ``cumsum`` that starts at the diagonal (accurate for the
-near keys that matter, no flips of big tensors). A custom autograd Function keeps only
+near keys that matter, no flips of big tensors). ψ of the keys after a query is zeroed before
+the cumsum, so they add exact zeros (float32 error at T = 4096 as above: 1.4e-6 / 1.5e-6,
+against 6.9e-6 / 1.8e-5 when they entered the sum). A custom autograd Function keeps only
 q, k, v, p, r, the output and a logsumexp per row, and recomputes each block in backward
 (flash-attention style), with dψ(t, ℓ) = Σ_{j<ℓ} dS(t, j) as the matching cumsum.
 """
@@ -32,14 +57,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from grape import PathIntegralBias, SeparableBias
+from attention_common import causal_mask, causal_sdpa
+from grape import Bias, PathIntegralBias, SeparableBias
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias=None, block: Optional[int] = None) -> Tensor:
     if bias is None:
-        from attention import sdpa_attention
-        return sdpa_attention(q, k, v)
+        return causal_sdpa(q, k, v)
+    if not isinstance(bias, Bias):
+        raise TypeError(f"the chunked backend evaluates a grape.Bias, got {type(bias).__name__}")
+    if (bias.n_queries, bias.n_keys) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"{type(bias).__name__} covers {bias.n_queries} queries x {bias.n_keys} keys, "
+                         f"attention has {q.shape[2]} x {k.shape[2]}")
     # float32 maths under autocast too: bias columns as large as T * slope would lose the bias
     # to a 16-bit dot product, and GRAPE-AP's blocks would round logits and weights
     with torch.autocast(q.device.type, enabled=False):
@@ -47,53 +78,102 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias=None, block: Optiona
 
 
 def _biased_attention(q: Tensor, k: Tensor, v: Tensor, bias, block: Optional[int]) -> Tensor:
-    if isinstance(bias, SeparableBias):
+    # the fast paths know these exact classes; a subclass may change the maths, so it is tiled
+    if type(bias) is SeparableBias:
         return separable_attention(q, k, v, bias)
-    if isinstance(bias, PathIntegralBias):
+    if type(bias) is PathIntegralBias:
         return path_integral_attention(q, k, v, bias, block)
-    raise TypeError(f"the chunked backend does not know the bias type {type(bias).__name__}")
+    return tiled_attention(q, k, v, bias, block)
+
+
+BLOCK_ELEMENTS = 1 << 23      # (B, H, block, Tk) float32 temporaries of ~32 MiB each
+
+
+def query_block(batch: int, n_heads: int, n_keys: int) -> int:
+    """Queries per block: big enough to keep matmuls efficient and Python overhead low,
+    small enough that a few (B, H, block, Tk) temporaries stay bounded."""
+    return max(32, min(1024, BLOCK_ELEMENTS // max(1, batch * n_heads * n_keys)))
 
 
 # ----------------------------------------------------------------------------------------
-# SeparableBias: fold the rank-4 bias into q and k
+# Any Bias: query tiles of bias.block, recomputed in backward
 # ----------------------------------------------------------------------------------------
 
-def separable_columns(bias: SeparableBias, batch: int, n_heads: int):
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block: Optional[int] = None) -> Tensor:
+    Tq, Tk = q.shape[2], k.shape[2]
+    block = block or query_block(q.shape[0], q.shape[1], Tk)
+    tiles = []
+    for s0 in range(0, Tq, block):
+        s1 = min(s0 + block, Tq)
+        n_visible = Tk - Tq + s1          # the tile's last query sees keys 0 .. n_visible-1
+        tiles.append(checkpoint(_tile, q[:, :, s0:s1], k[:, :, :n_visible], v[:, :, :n_visible],
+                                bias, s0, s1, use_reentrant=False))
+    return torch.cat(tiles, 2)
+
+
+def _tile(qb: Tensor, kb: Tensor, vb: Tensor, bias: Bias, s0: int, s1: int) -> Tensor:
+    n_visible = kb.shape[2]
+    logits = (qb.float() @ kb.float().transpose(-1, -2)) / math.sqrt(qb.shape[-1])
+    logits = logits + bias.block(slice(s0, s1), slice(0, n_visible)).float()
+    logits = logits.masked_fill(~causal_mask(s1 - s0, n_visible, qb.device), float("-inf"))
+    return (torch.softmax(logits, -1) @ vb.float()).to(qb.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# SeparableBias: fold the low-rank bias into q and k
+# ----------------------------------------------------------------------------------------
+
+MIN_KEY_BLOCKS = 4
+
+
+def key_blocks(n_keys: int, other_columns: int, head_dim: int) -> int:
+    """Number of key blocks: at least MIN_KEY_BLOCKS, more while they fit in the padding to a
+    multiple of 8 columns; at most one per key."""
+    width = -(-(head_dim + other_columns + MIN_KEY_BLOCKS) // 8) * 8
+    return max(1, min(n_keys, width - head_dim - other_columns))
+
+
+def separable_columns(bias: SeparableBias, batch: int, n_heads: int, head_dim: int):
     """Extra query/key columns whose dot product is the bias: (B, H, Tq, m), (B, H, Tk, m)."""
-    q_pos, k_pos = bias.q_pos, bias.k_pos
-    Tq, Tk = q_pos.shape[0], k_pos.shape[0]
-    centre = int(k_pos[Tk // 2])
-    t = (q_pos - centre).float().view(1, 1, Tq)        # small exact integers in float32
-    j = (k_pos - centre).float().view(1, 1, Tk)
+    Tq, Tk, device = bias.n_queries, bias.n_keys, bias.device
     shape_q, shape_k = (batch, n_heads, Tq), (batch, n_heads, Tk)
-    q_cols, k_cols = [], []
-    a = c = 0.0                      # query-side and key-side terms paired with a constant 1
-    if bias.slope_q is not None:
-        sq = bias.slope_q.float().expand(shape_q)
-        q_cols.append(sq); k_cols.append(j.expand(shape_k))
-        a = a - t * sq
-    if bias.slope_k is not None:
-        sk = bias.slope_k.float().expand(shape_k)
-        q_cols.append((-t).expand(shape_q)); k_cols.append(sk)
-        c = c + j * sk
-    if bias.cum_q is not None:
-        # shift both sums by the middle key's value: the difference is unchanged
-        ref = bias.cum_k[..., Tk // 2:Tk // 2 + 1].detach().float()
-        a = a + (bias.cum_q.float() - ref)
-        c = c - (bias.cum_k.float() - ref)
-    if not isinstance(a, float):
-        q_cols.append(a.expand(shape_q)); k_cols.append(torch.ones(shape_k, device=q_pos.device))
-    if not isinstance(c, float):
-        q_cols.append(torch.ones(shape_q, device=q_pos.device)); k_cols.append(c.expand(shape_k))
-    if not q_cols:
-        raise ValueError("SeparableBias has no term")
-    return torch.stack(q_cols, -1), torch.stack(k_cols, -1)
+    sq = None if bias.slope_q is None else bias.slope_q.float().expand(shape_q)
+    sk = None if bias.slope_k is None else bias.slope_k.float().expand(shape_k)
+    cq = None if bias.cum_q is None else bias.cum_q.float()
+    ck = None if bias.cum_k is None else bias.cum_k.float()
+    per_block = sq is not None or cq is not None       # A_β(t) exists
+    key_const = sk is not None or cq is not None       # C_j exists
+    other = (sq is not None) + (sk is not None) + key_const
+    length = -(-Tk // (key_blocks(Tk, other, head_dim) if per_block else 1))    # keys per block
+    n_blocks = -(-Tk // length)
+    key_idx = torch.arange(Tk, device=device)
+    starts = torch.arange(0, Tk, length, device=device)         # first key of each block
+    t_idx = torch.arange(Tk - Tq, Tk, device=device)             # query t as a key index
+    centre = Tk // 2                                             # the sk term's global centre
+    rho = None if ck is None else ck[..., starts].detach()      # (B, H, n_blocks): cancels exactly
+    cols = []                                                    # (query column, key column) pairs
+    if sq is not None:
+        cols.append((sq[..., None], (key_idx % length).float().expand(shape_k)[..., None]))
+    if sk is not None:
+        cols.append((-(t_idx - centre).float().expand(shape_q)[..., None], sk[..., None]))
+    if key_const:
+        c = 0.0 if sk is None else (key_idx - centre).float() * sk
+        if ck is not None:
+            c = c - (ck - rho[..., key_idx // length])
+        cols.append((torch.ones(*shape_q, 1, device=device), c.expand(shape_k)[..., None]))
+    if per_block:
+        a = 0.0 if sq is None else -(t_idx[:, None] - starts).float() * sq[..., None]
+        if cq is not None:
+            a = a + (cq[..., None] - rho[..., None, :])
+        one_hot = (key_idx[:, None] // length == torch.arange(n_blocks, device=device)).float()
+        cols.append((a.expand(*shape_q, n_blocks), one_hot.expand(*shape_k, n_blocks)))
+    return torch.cat([c[0] for c in cols], -1), torch.cat([c[1] for c in cols], -1)
 
 
 def separable_attention(q: Tensor, k: Tensor, v: Tensor, bias: SeparableBias) -> Tensor:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    qc, kc = separable_columns(bias, B, H)
+    qc, kc = separable_columns(bias, B, H, D)
     m = qc.shape[-1]
     width = -(-(D + m) // 8) * 8          # the CPU flash kernel wants equal, aligned widths
     pad = width - D - m
@@ -102,21 +182,12 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, bias: SeparableBias) ->
     qa = torch.cat([q.float() / math.sqrt(D), qc, zq], -1)
     ka = torch.cat([k.float(), kc, zk], -1)
     va = torch.cat([v.float(), v.new_zeros((B, H, Tk, width - D), dtype=torch.float32)], -1)
-    if Tq == Tk:
-        out = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0)
-    elif Tq == 1:
-        out = F.scaled_dot_product_attention(qa, ka, va, scale=1.0)
-    else:
-        from attention import causal_mask
-        out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=causal_mask(Tq, Tk, q.device), scale=1.0)
-    return out[..., :D].to(q.dtype)
+    return causal_sdpa(qa, ka, va, scale=1.0)[..., :D].to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------
 # PathIntegralBias: query blocks, keys reversed, recomputation in backward
 # ----------------------------------------------------------------------------------------
-
-BLOCK_ELEMENTS = 1 << 23      # (B, H, block, Tk) float32 temporaries of ~32 MiB each
 
 # torch's CPU exp leaves its vector path for arguments below about -87 (results that
 # underflow, and -inf) and runs ~40x slower there; far keys of a decaying bias live there.
@@ -133,17 +204,8 @@ def _exp_visible(shifted: Tensor, hidden: Tensor) -> Tensor:
     return shifted
 
 
-def query_block(batch: int, n_heads: int, n_keys: int) -> int:
-    """Queries per block: big enough to keep matmuls efficient and Python overhead low,
-    small enough that a few (B, H, block, Tk) temporaries stay bounded."""
-    return max(32, min(1024, BLOCK_ELEMENTS // max(1, batch * n_heads * n_keys)))
-
-
 def path_integral_attention(q: Tensor, k: Tensor, v: Tensor, bias: PathIntegralBias,
                             block: Optional[int] = None) -> Tensor:
-    if bias.n_keys != k.shape[2] or bias.p.shape[2] != q.shape[2]:
-        raise ValueError(f"PathIntegralBias covers {bias.p.shape[2]} queries x {bias.n_keys} keys, "
-                         f"attention has {q.shape[2]} x {k.shape[2]}")
     block = block or query_block(q.shape[0], q.shape[1], k.shape[2])
     return _PathIntegralAttention.apply(q, k, v, bias.p, bias.r, bias.slope, block)
 
@@ -155,20 +217,23 @@ def _hidden(nq: int, device) -> Tensor:
     return i[None, :] < (nq - 1 - i)[:, None]
 
 
-def _block_logits(qb, k_vis, pb, r_vis, slope, hidden):
+def _block_logits(qb, k_vis, pb, r_vis, slope, hidden, hide_logits=True):
     """Logits with the GRAPE-AP bias for one query block, keys in reverse order
-    (column u = key kend-1-u). Returns S (B, H, nq, kv), -inf where hidden, and z.
+    (column u = key kend-1-u). Returns S (B, H, nq, kv), -inf where hidden (unless
+    ``hide_logits`` is False: backward zeroes those weights after the exp anyway), and z.
 
-    With keys reversed, b(u) = Σ_{u' < u, u' visible} ψ(u') is an exclusive prefix sum.
-    The sum here also runs over the hidden columns left of the diagonal; that adds the same
-    constant to every visible logit of a row, which the softmax ignores (and the gradient
-    of a hidden ψ is the row sum of dS, zero), so no masking of ψ is needed."""
+    With keys reversed, b(u) = Σ_{u' < u} ψ(u') is an exclusive prefix sum. ψ is zeroed on
+    the hidden columns left of each row's diagonal first: the sum then starts at the
+    diagonal with exact zeros before it, so no later key touches the row, even in rounding."""
     nq = qb.shape[2]
     s = qb @ k_vis.transpose(-1, -2)
     z = pb @ r_vis.transpose(-1, -2)
-    cum = F.logsigmoid(z).cumsum_(-1)
+    psi = F.logsigmoid(z)
+    psi[..., :nq].masked_fill_(hidden, 0.0)
+    cum = psi.cumsum_(-1)
     s[..., 1:].addcmul_(cum[..., :-1], slope.view(1, -1, 1, 1))
-    s[..., :nq].masked_fill_(hidden, float("-inf"))
+    if hide_logits:
+        s[..., :nq].masked_fill_(hidden, float("-inf"))
     return s, z
 
 
@@ -219,7 +284,7 @@ class _PathIntegralAttention(torch.autograd.Function):
             kv, vv, rv = k_rev[:, :, first:], v_rev[:, :, first:], r_rev[:, :, first:]
             qb, pb, dob = qs[:, :, s0:s1], pf[:, :, s0:s1], do[:, :, s0:s1]
             hidden = _hidden(s1 - s0, q.device)
-            P, z = _block_logits(qb, kv, pb, rv, sl, hidden)
+            P, z = _block_logits(qb, kv, pb, rv, sl, hidden, hide_logits=False)
             P = _exp_visible(P.sub_(lse[:, :, s0:s1]), hidden)
             dv_rev[:, :, first:] += P.transpose(-1, -2) @ dob
             dS = (dob @ vv.transpose(-1, -2)).sub_(delta[:, :, s0:s1]).mul_(P)

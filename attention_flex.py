@@ -1,24 +1,25 @@
-"""SeparableBias attention with ``torch.nn.attention.flex_attention`` (the GPU path).
+"""Attention with ``torch.nn.attention.flex_attention`` (the GPU path for biases that have a
+``score_mod``).
 
-The bias b(t, j) = -(t - j)(sq_t + sk_j) + cq_t - ck_j is evaluated inside the fused
-kernel by a ``score_mod`` that reads the (B, H, T) gate tensors it captures; FlexAttention
-differentiates through those captured tensors, so gradients reach the slopes and cumulative
-sums. A causal ``BlockMask`` (cached per shape and device) lets the kernel skip the blocks
-above the diagonal. Nothing of size (B, H, T, T) is built.
+The bias is evaluated inside the fused kernel by the ``score_mod`` the bias description
+provides (``grape.Bias.score_mod``); FlexAttention differentiates through the tensors it
+captures, so gradients reach the encoding's gates. A causal ``BlockMask`` (cached per shape
+and device) lets the kernel skip the blocks above the diagonal. Nothing of size
+(B, H, T, T) is built.
 
 On CPU, torch 2.13 runs a compiled flex_attention forward but has no backward, so the
-model uses the chunked path there. Decoding (Tq < Tk) and GRAPE-AP go to the chunked path
-as well: flex would recompile for every new cache length, and GRAPE-AP's suffix sum is not a
-score_mod.
+model uses the chunked path there. The dispatcher (attention.py) hands decoding (Tq < Tk)
+and biases without a score_mod (GRAPE-AP) to the chunked path: flex would recompile for
+every new cache length, and GRAPE-AP's suffix sum is not a score_mod.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
-
-from grape import SeparableBias
 
 _block_masks: dict = {}
 _compiled = None
@@ -45,37 +46,7 @@ def compiled_flex():
     return _compiled
 
 
-def separable_score_mod(bias: SeparableBias, batch: int, n_heads: int, shift: int):
-    """score_mod adding b(t, j); the gate tensors are captured as contiguous (B, H, T) float32."""
-    Tq, Tk = bias.q_pos.shape[0], bias.n_keys
-
-    def full(t, n):
-        return None if t is None else t.float().expand(batch, n_heads, n).contiguous()
-
-    sq, sk = full(bias.slope_q, Tq), full(bias.slope_k, Tk)
-    cq, ck = full(bias.cum_q, Tq), full(bias.cum_k, Tk)
-    if sq is None and sk is None and cq is None:
-        raise ValueError("SeparableBias has no term")
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        dist = (q_idx + shift - kv_idx).to(torch.float32)       # t - j
-        out = score
-        if sq is not None:
-            out = out - dist * sq[b, h, q_idx]
-        if sk is not None:
-            out = out - dist * sk[b, h, kv_idx]
-        if cq is not None:
-            out = out + (cq[b, h, q_idx] - ck[b, h, kv_idx])
-        return out.to(score.dtype)
-
-    return score_mod
-
-
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
-    B, H, Tq, _ = q.shape
-    Tk = k.shape[2]
-    if not isinstance(bias, SeparableBias) or Tq != Tk:
-        from attention_chunked import chunked_attention
-        return chunked_attention(q, k, v, bias)
-    score_mod = separable_score_mod(bias, B, H, Tk - Tq)
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, score_mod: Callable) -> Tensor:
+    """Causal flex attention with ``score_mod`` (from ``bias.score_mod(B, H)``)."""
+    Tq, Tk = q.shape[2], k.shape[2]
     return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=causal_block_mask(Tq, Tk, q.device))

@@ -3,6 +3,9 @@
     python bench_decode.py                         # context 1024: prompt 1000, then 24 new tokens
     python bench_decode.py --write                 # also put the table in BENCHMARKS.md "## Decoding"
     python bench_decode.py --encodings=rope,fox --device=cuda
+    python bench_decode.py --family --write        # the rest of the GRAPE family, own section
+
+Grid encodings run on a grid of rows of 32 tokens (context // 32, 32).
 
 For each encoding one small random model decodes greedily twice: from the cache (prefill the
 prompt once, then one token per step) and by recomputing the whole sequence for every new
@@ -22,10 +25,13 @@ import time
 import torch
 
 from generation import next_token
-from grape import ENCODINGS
+from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
 
 SECTION = "## Decoding"
+FAMILY_SECTION = "## Decoding: the rest of the GRAPE family"
+FAMILY = ["rope", "grape_m_basis", "grape_m_planes", "grape_m_grid", "grape_m_ctx_dict",
+          "alibi", "grape_a_grid", "grape_a_phase", "grape_a_dict"]
 
 
 def parse_args(argv=None):
@@ -42,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    p.add_argument("--family", action="store_true", help=f"the encodings {FAMILY}, in their own section")
     return p.parse_args(argv)
 
 
@@ -92,6 +99,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     names = sorted(ENCODINGS) if args.encodings == "all" else args.encodings.split(",")
+    if args.family:
+        names = FAMILY
+    section = FAMILY_SECTION if args.family else SECTION
     prompt_len = args.context - args.new_tokens
     rows = []
     header = ("| encoding | prefill ms | cached tok/s | recompute tok/s | speed-up | same tokens |\n"
@@ -99,9 +109,10 @@ def main(argv=None):
     print(header)
     for name in names:
         torch.manual_seed(0)
+        on_grid = any(part in GRID_ENCODINGS for part in name.split("+"))
         cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.context,
                         pos_encoding=name, use_k_shift=args.kv_shift, use_v_shift=args.kv_shift,
-                        attn_backend=args.attn_backend)
+                        attn_backend=args.attn_backend, grid=(-(-args.context // 32), 32) if on_grid else None)
         model = GPT(cfg).to(args.device).eval()
         prompt = torch.randint(0, cfg.vocab_size, (args.batch_size, prompt_len), device=args.device)
         decode_cached(model, prompt[:, :64], 4, args.device)               # warm-up
@@ -116,7 +127,7 @@ def main(argv=None):
         print(row, flush=True)
 
     command = "python bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = (f"{SECTION}\n\n"
+    text = (f"{section}\n\n"
             f"Greedy decoding of {args.new_tokens} tokens after a {prompt_len}-token prompt (context "
             f"{args.context}), batch {args.batch_size}, random model with {args.n_layer} layers, {args.n_head} heads, "
             f"n_embd {args.n_embd}, KV-shift {'on' if args.kv_shift else 'off'}, attn_backend {args.attn_backend}. "
@@ -128,15 +139,15 @@ def main(argv=None):
             f"Machine: {machine(args.device)}.  \nCommand: `{command.strip()}`\n\n"
             + header + "\n" + "\n".join(rows) + "\n")
     if args.write:
-        write_section("BENCHMARKS.md", text)
-        print(f"wrote {SECTION} in BENCHMARKS.md")
+        write_section("BENCHMARKS.md", text, section)
+        print(f"wrote {section} in BENCHMARKS.md")
     return rows
 
 
-def write_section(path: str, text: str) -> None:
+def write_section(path: str, text: str, section: str = SECTION) -> None:
     """Replace (or append) our section, leaving the other sections as they are."""
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

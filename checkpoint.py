@@ -1,21 +1,35 @@
 """Training checkpoints that a crash can never destroy.
 
-``out_dir/ckpt.pt`` holds everything needed to continue exactly: model and optimizer state,
-iteration, training config, model config, and each rank's RNG and data-stream state. It is
-written to a temporary file, fsync'ed, then renamed over the old one (``os.replace`` is
-atomic on POSIX), so at every instant ``ckpt.pt`` is either the previous good checkpoint or
-the new complete one. Next to it, ``config.json`` + ``model.safetensors`` (``save_pretrained``)
-let ``GPT.from_pretrained(out_dir)`` load the weights for evaluation.
+``out_dir/ckpt.pt`` (the latest) holds everything needed to continue exactly: model and
+optimizer state, iteration, training config, model config, and each rank's RNG and
+data-stream state. It is written to a temporary file, fsync'ed, then renamed over the old
+one (``os.replace`` is atomic on POSIX), so at every instant ``ckpt.pt`` is either the
+previous good checkpoint or the new complete one. ``out_dir/best.pt`` is the checkpoint with
+the lowest validation loss so far: a hard link to the ``ckpt.pt`` it was (no extra disk while
+the latest is the best), replaced only when the validation loss improves, so a run that gets
+worse never overwrites its best weights. Next to them, ``config.json`` + ``model.safetensors``
+(``save_pretrained``, the latest weights) let ``GPT.from_pretrained(out_dir)`` load it for
+evaluation.
+
+A save interrupted by SIGKILL leaves its temporary (``ckpt.pt.*.tmp``, ``best.pt.*.tmp``,
+``.pretrained.*/``); ``temporary_paths`` names them so the next run can remove them.
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 import tempfile
+import uuid
+import zipfile
+from contextlib import contextmanager
 
 import torch
 
-CKPT_NAME = "ckpt.pt"
+CKPT_NAME = "ckpt.pt"          # the latest checkpoint: what --init_from=resume continues
+BEST_NAME = "best.pt"          # the checkpoint with the lowest validation loss so far
+PRETRAINED_TMP_PREFIX = ".pretrained."
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
@@ -63,20 +77,28 @@ def atomic_torch_save(obj, path: str) -> None:
     _fsync_dir(folder)
 
 
+@contextmanager
+def hf_progress_bars_off(off: bool = True):
+    """transformers' progress bars off inside the block (when ``off``), as they were after it."""
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_pretrained_atomic(model, out_dir: str) -> None:
     """``model.save_pretrained`` into a temporary folder, then move each file into ``out_dir``.
 
     Each file is replaced atomically; ckpt.pt stays the source of truth for resuming."""
-    from transformers.utils import logging as hf_logging
-    tmp = tempfile.mkdtemp(prefix=".pretrained.", dir=out_dir)
+    tmp = tempfile.mkdtemp(prefix=PRETRAINED_TMP_PREFIX, dir=out_dir)
     try:
-        bar_was_enabled = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()          # no "Writing model shards" bar at every save
-        try:
+        with hf_progress_bars_off():              # no "Writing model shards" bar at every save
             model.save_pretrained(tmp)
-        finally:
-            if bar_was_enabled:
-                hf_logging.enable_progress_bar()
         for name in sorted(os.listdir(tmp)):
             src = os.path.join(tmp, name)
             with open(src, "rb") as f:
@@ -88,19 +110,92 @@ def save_pretrained_atomic(model, out_dir: str) -> None:
     _fsync_dir(out_dir)
 
 
-def save_checkpoint(out_dir: str, state: dict, model=None) -> str:
-    """Write ``state`` to ``out_dir/ckpt.pt`` atomically, then the save_pretrained files."""
+def atomic_link(src: str, dst: str) -> None:
+    """Make ``dst`` the same file as ``src`` atomically: a hard link (no copy), or a copy
+    where the filesystem has no hard links; a temporary name first, then rename."""
+    tmp = f"{dst}.{uuid.uuid4().hex[:12]}.tmp"  # os.link needs a name that does not exist yet
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(dst))
+
+
+def save_checkpoint(out_dir: str, state: dict, model=None, best: bool = False) -> str:
+    """Write ``state`` to ``out_dir/ckpt.pt`` atomically (and, when ``best``, make it
+    ``best.pt`` too), then the save_pretrained files."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, CKPT_NAME)
     atomic_torch_save(state, path)
+    if best:
+        atomic_link(path, os.path.join(out_dir, BEST_NAME))
     if model is not None:
         save_pretrained_atomic(model, out_dir)
     return path
 
 
+def temporary_paths(out_dir: str) -> list[str]:
+    """The temporaries a save creates in ``out_dir``; any that exist while no save runs
+    were left by a process killed while saving."""
+    patterns = [f"{name}.*.tmp" for name in (CKPT_NAME, BEST_NAME)] + [PRETRAINED_TMP_PREFIX + "*"]
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
+
+
 def checkpoint_path(path: str) -> str:
     """``path`` itself if it is a file, else ``path/ckpt.pt``."""
     return path if os.path.isfile(path) else os.path.join(path, CKPT_NAME)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not one of ours."""
+
+
+def unreadable(path: str, why: str = "") -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt)" + (f": {why}" if why else ""))
+
+
+def read_checkpoint_file(path: str, map_location="cpu") -> dict:
+    """``torch.load`` a checkpoint file; a truncated or corrupt file raises CheckpointError
+    naming it (torch's own messages leave out the path or give advice about formats)."""
+    with open(path, "rb"):
+        pass                                   # missing or unreadable: the OSError says so
+    # torch.save writes a zip archive whose directory is at the end: a cut file has none
+    if not zipfile.is_zipfile(path):
+        raise unreadable(path, "no zip directory at its end")
+    try:
+        # mmap: the ranks of a node share the file's pages instead of each holding a full copy
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    except Exception as e:                     # anything torch/pickle raise on damaged content
+        raise unreadable(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this repository (it holds a {type(state).__name__})")
+    return state
+
+
+def check_pretrained_folder(folder: str) -> None:
+    """Raise CheckpointError naming the file if a save_pretrained folder's config.json or
+    safetensors weights are cut or corrupt (reads only the JSON and the safetensors headers)."""
+    from safetensors import SafetensorError, safe_open
+    config = os.path.join(folder, "config.json")
+    try:
+        with open(config) as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise unreadable(config, f"invalid JSON ({e})") from None
+    for weights in sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise unreadable(weights, str(e)) from None
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -109,9 +204,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train with init_from='scratch' first "
                                 "or point resume_dir/out_dir at a folder containing ckpt.pt")
-    # mmap: the ranks of a node share the file's pages instead of each holding a full copy
-    state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    state = read_checkpoint_file(path, map_location)
     for key in ("model", "model_config", "optimizer", "iter_num"):
         if key not in state:
-            raise ValueError(f"{path} is not a training checkpoint of this repository (no {key!r})")
+            raise CheckpointError(f"{path} is not a training checkpoint of this repository (no {key!r})")
     return state

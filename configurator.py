@@ -7,9 +7,12 @@ something else. Config files are plain Python (``n_layer = 24``, ``import os`` .
 the original repository's files run unchanged; names they bind to modules, functions or
 classes are ignored.
 
-The original repository's config files also carry keys that this implementation does not
-need (``dropout``, ``bias``, init knobs, ...). They are accepted when they ask for what
-this code does anyway, and refused with an explanation when they ask for something else.
+The original repository's config files and training script also carry keys that this
+implementation does not need (``dropout``, ``bias``, init knobs, ...). They are accepted when
+they ask for what this code does anyway (or change nothing in the original either), and
+refused with an explanation when they ask for something else; its encoding knobs
+(``grape_*``, ``keygated_*``, ``querygated_*``, ``querykeygated_*``, ``p_*``) are GPTConfig
+fields with the original's meaning (``grape_base`` and ``grape_share_across_heads`` renamed).
 """
 from __future__ import annotations
 
@@ -33,14 +36,30 @@ _TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "None": typ
 
 
 def _parse_annotation(annotation: str) -> tuple:
-    """'Optional[int]' / 'int | None' / 'float' -> tuple of python types."""
-    text = annotation.replace(" ", "")
-    if text.startswith("Optional[") and text.endswith("]"):
-        return _parse_annotation(text[len("Optional["):-1]) + (type(None),)
+    """'Optional[int]' / 'int | None' / 'float' -> tuple of python types; a sequence of ints
+    ('tuple[int, ...]', 'list[int]', e.g. grid=(16, 16)) is accepted as ``tuple``."""
+    text = annotation.replace(" ", "").replace("NoneType", "None")
+    for wrapper in ("Optional[", "Union["):
+        if text.startswith(wrapper) and text.endswith("]"):
+            inner = _parse_annotation_list(text[len(wrapper):-1])
+            return inner + ((type(None),) if wrapper == "Optional[" else ())
+    if text in ("tuple[int,...]", "list[int]"):
+        return (tuple,)
     try:
         return tuple(_TYPE_NAMES[part] for part in text.split("|"))
     except KeyError:
         raise TypeError(f"cannot check config values of type {annotation!r}") from None
+
+
+def _parse_annotation_list(text: str) -> tuple:
+    """The types of 'A,B[...],C' (commas inside brackets belong to their part)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return tuple(dict.fromkeys(t for part in parts for t in _parse_annotation(part)))
 
 
 def model_fields() -> dict[str, tuple[Any, tuple]]:
@@ -73,6 +92,9 @@ def check_value(key: str, value: Any, accepted: tuple) -> Any:
         return value
     elif isinstance(value, str) and str in accepted:
         return value
+    elif (isinstance(value, (tuple, list)) and tuple in accepted
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
     names = " or ".join("None" if t is type(None) else t.__name__ for t in accepted)
     raise ConfigError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__})")
 
@@ -100,14 +122,19 @@ FIXED_KEYS = {
     "embedding_init_std": (0.02, "the embedding is initialised with std 0.02 (SPEC §2)"),
     "hidden_init_std_factor": (0.5, "hidden matrices are initialised with std 0.5/sqrt(n_embd) (SPEC §2)"),
     "optimizer_name": ("adamw", "this script trains with AdamW"),
-    "grape_learnable_freq": (True, "GRAPE-M always learns its frequencies (use pos_encoding='rope' for fixed ones)"),
 }
-# Keys the original files set that select nothing here: accepted with a note.
+# Keys the original repository defines that change nothing there either: accepted with a note.
 NO_EFFECT_KEYS = {
-    "grape_ctx_init_omega", "scale_attn_by_inverse_layer_idx",
-    "keygated_omega_init", "keygated_u_l2_norm", "keygated_u_l2_eps",
-    "querygated_omega_init", "querygated_v_l2_norm", "querygated_v_l2_eps",
-    "querykeygated_omega_init", "tpa_kvrank", "tpa_qrank", "group_size", "rho", "interval", "variant",
+    "scale_attn_by_inverse_layer_idx": "the original's configs pass it to the model, but none of its model files reads it",
+    "rho": "defined by the original's training script, which never reads it (it trains with AdamW)",
+    "interval": "defined by the original's training script, which never reads it (it trains with AdamW)",
+    "variant": "defined by the original's training script, which never reads it (it trains with AdamW)",
+}
+# Keys of variants that do not exist here: refused.
+REFUSED_KEYS = {
+    "tpa_kvrank": "tensor-product attention (TPA) is not implemented here",
+    "tpa_qrank": "tensor-product attention (TPA) is not implemented here",
+    "group_size": "grouped-query attention (GQA) is not implemented here (every model is multi-head)",
 }
 # Keys renamed since the original repository: old -> (new, convert).
 RENAMED_KEYS = {
@@ -147,9 +174,10 @@ class Configurator:
                                   f"{why}; only {fixed!r} is accepted")
             return
         if key in NO_EFFECT_KEYS:
-            self.notes.append(f"note: config key {key!r} (from {source}) of the original repository "
-                              "has no effect in this implementation")
+            self.notes.append(f"note: config key {key!r} (from {source}) has no effect: {NO_EFFECT_KEYS[key]}")
             return
+        if key in REFUSED_KEYS:
+            raise ConfigError(f"config key {key!r} (from {source}) is not supported: {REFUSED_KEYS[key]}")
         if key in RENAMED_KEYS:
             new, convert = RENAMED_KEYS[key]
             key, value = new, convert(value)
@@ -190,7 +218,7 @@ class Configurator:
             accepted = self.accepted[RENAMED_KEYS[key][0]]
         elif key in FIXED_KEYS:
             accepted = (type(FIXED_KEYS[key][0]),)
-        elif key in NO_EFFECT_KEYS:
+        elif key in NO_EFFECT_KEYS or key in REFUSED_KEYS:
             accepted = (int, float, bool, str, type(None))
         else:
             raise ConfigError(f"unknown config key {key!r} (from the command line); "
@@ -241,6 +269,13 @@ def resolve_model_type(values: dict, explicit: set[str]) -> None:
         values[flag] = values[flag] or settings[flag]
 
 
+def resolve_seeds(values: dict) -> None:
+    """data_seed and eval_seed < 0 take the value of seed (the original's convention)."""
+    for key in ("data_seed", "eval_seed"):
+        if key in values and values[key] < 0:
+            values[key] = values["seed"]
+
+
 def configure(argv: Iterable[str], defaults: dict, accepted: Optional[dict] = None,
               verbose: bool = True) -> tuple[Config, set[str]]:
     """Resolve ``defaults`` + config files + ``--key=value`` into a Config.
@@ -249,6 +284,7 @@ def configure(argv: Iterable[str], defaults: dict, accepted: Optional[dict] = No
     c = Configurator(defaults, accepted)
     c.apply(argv)
     resolve_model_type(c.values, c.explicit)
+    resolve_seeds(c.values)
     if verbose:
         for note in dict.fromkeys(c.notes):
             print(note)

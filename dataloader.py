@@ -19,17 +19,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shards import HEADER_BYTES, ShardError, list_shards, read_shard
+from shards import HEADER_BYTES, ShardError, check_token_ids, list_shards, read_shard
 
 MODES = ("stateless", "stateful")
 
 
-def _load_shards(data_dir: str, split: str, block_size: int) -> tuple[list[str], np.ndarray]:
-    """Paths and token counts of the split's shards, each checked (header, size, length)."""
+def _load_shards(data_dir: str, split: str, block_size: int,
+                 vocab_size: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Paths and token counts of the split's shards, each checked (header, size, length and,
+    given ``vocab_size``, the range of its token ids)."""
     paths = list_shards(data_dir, split)
     lengths = []
     for path in paths:
-        n = len(read_shard(path))
+        tokens = read_shard(path)
+        if vocab_size is not None:
+            check_token_ids(path, tokens, vocab_size)
+        n = len(tokens)
+        del tokens                              # nothing stays mapped (see the module docstring)
         if n < block_size + 1:
             raise ShardError(f"token shard {path} has {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
                              "use a smaller block_size or re-prepare the data with larger shards")
@@ -45,7 +51,7 @@ class TokenBatches:
     """Random (x, y) batches of one split: x, y int64 (batch_size, block_size), y = x shifted by one."""
 
     def __init__(self, data_dir: str, split: str, batch_size: int, block_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337, mode: str = "stateless"):
+                 world_size: int = 1, seed: int = 1337, mode: str = "stateless", vocab_size: int | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown data_rng_mode {mode!r}; expected one of {MODES}")
         if batch_size < 1 or block_size < 1:
@@ -57,7 +63,7 @@ class TokenBatches:
         self.data_dir, self.split, self.mode = data_dir, split, mode
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.paths, self.lengths = _load_shards(data_dir, split, block_size)
+        self.paths, self.lengths = _load_shards(data_dir, split, block_size, vocab_size)
         # window starts per shard: 0 .. n - block_size - 1; cumulative counts map a global index to a shard
         self.cum_windows = np.cumsum(self.lengths - block_size)
         self.calls = 0
@@ -74,17 +80,29 @@ class TokenBatches:
             raise ValueError(f"step and micro_step must be non-negative, got {step} and {micro_step}")
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, step, micro_step]))
 
+    def _draw_starts(self, rng: np.random.Generator) -> np.ndarray:
+        """Global window indices of one batch: all a batch takes from the random stream."""
+        return rng.integers(0, self.cum_windows[-1], size=self.batch_size)
+
     def get(self, step: int = 0, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for (step, micro_step); in "stateful" mode the next batch of the stream
         (step and micro_step are then ignored)."""
-        rng = self._rng_for(step, micro_step)
-        starts = rng.integers(0, self.cum_windows[-1], size=self.batch_size)
+        starts = self._draw_starts(self._rng_for(step, micro_step))
         shard = np.searchsorted(self.cum_windows, starts, side="right")
         offsets = starts - np.concatenate(([0], self.cum_windows))[shard]
         rows = np.stack([_window(self.paths[s], o, self.block_size + 1) for s, o in zip(shard, offsets)])
         rows = torch.from_numpy(rows.astype(np.int64))
         self.calls += 1
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def skip(self, n_batches: int) -> None:
+        """Advance a "stateful" stream past ``n_batches`` batches without reading them (a
+        "stateless" loader has no stream: skip there by asking for later steps)."""
+        if self.mode != "stateful":
+            raise ValueError("skip() advances a stateful stream; stateless batches are addressed by step")
+        for _ in range(n_batches):
+            self._draw_starts(self._rng)
+        self.calls += n_batches
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue this stream (only the RNG matters in "stateful" mode)."""

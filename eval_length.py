@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, read_checkpoint_file
 from model import GPT
-from shards import ShardError, list_shards, read_shard
+from shards import ShardError, check_token_ids, list_shards, read_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,9 +59,8 @@ def training_config(path: str) -> dict:
     ckpt = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
     if not os.path.exists(ckpt):
         return {}
-    # mmap: read the small config without loading weights and optimizer state into memory
-    state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-    return dict(state.get("config") or {})
+    # memory-mapped: reads the small config without loading weights and optimizer state
+    return dict(read_checkpoint_file(ckpt).get("config") or {})
 
 
 def resolve_data_dir(path: str, config: dict) -> str:
@@ -81,10 +81,15 @@ def describe(path: str, model: GPT) -> str:
     return f"{name} ({cfg.pos_encoding}{shift})"
 
 
-def spread_windows(data_dir: str, span: int, n: int) -> list[np.ndarray]:
+def spread_windows(data_dir: str, span: int, n: int, vocab_size: int | None = None) -> list[np.ndarray]:
     """``n`` windows of ``span + 1`` tokens, evenly spaced over the non-overlapping windows
-    that fit in the val shards (all of them when fewer fit)."""
-    shards = [read_shard(p) for p in list_shards(data_dir, "val")]
+    that fit in the val shards (all of them when fewer fit); token ids checked against
+    ``vocab_size``."""
+    paths = list_shards(data_dir, "val")
+    shards = [read_shard(p) for p in paths]
+    if vocab_size is not None:
+        for path, tokens in zip(paths, shards):
+            check_token_ids(path, tokens, vocab_size)
     slots = [(s, i * (span + 1)) for s in range(len(shards)) for i in range(len(shards[s]) // (span + 1))]
     if not slots:
         raise ShardError(f"no val shard in {data_dir} holds a window of {span + 1} tokens (longest: "
@@ -104,7 +109,7 @@ def position_losses(model: GPT, windows: list[np.ndarray], length: int, batch_si
     use_amp = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     total = torch.zeros(length, dtype=torch.float64)
-    for i in tqdm(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False):
+    for i in tqdm(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         rows = torch.stack(pieces[i:i + batch_size]).to(device)
         with amp:
             logits, _ = model(rows[:, :-1])
@@ -125,7 +130,7 @@ def evaluate(paths: list[str], multipliers=(1, 2, 4), num_windows: int = 32, dat
         label = labels[i] if labels else describe(path, model)
         shards = data_dir or resolve_data_dir(path, config)
         span = trained * max(multipliers)
-        windows = spread_windows(shards, span, num_windows)
+        windows = spread_windows(shards, span, num_windows, model.config.vocab_size)
         if len(windows) < num_windows:
             print(f"warning: the val split holds only {len(windows)} windows of {span} tokens, "
                   f"not {num_windows}", file=sys.stderr)
@@ -228,4 +233,7 @@ def main(argv=None) -> list[LengthResult]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    try:
+        sys.exit(0 if main() else 1)
+    except (CheckpointError, ShardError, FileNotFoundError) as e:    # the message names the file
+        sys.exit(f"error: {e}")

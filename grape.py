@@ -6,9 +6,10 @@ Every encoding is an ``nn.Module`` with one method the attention calls:
 
 - ``x`` is the attention input (B, T, C); ``q``, ``k`` are (B, H, T, D) after QK-norm.
 - Multiplicative encodings return rotated q/k (``q̃_t = G(t) q_t``, ``k̃_j = G(j) k_j``).
-- Additive encodings return a *bias description* (``SeparableBias`` or ``PathIntegralBias``)
-  instead of a (B, H, T, T) tensor, so each attention backend can evaluate the bias the way
-  it likes (dense for reference, block by block, or inside a kernel).
+- Additive encodings return a *bias description*, a ``Bias`` (``SeparableBias``,
+  ``PathIntegralBias`` or a subclass of their own), instead of a (B, H, T, T) tensor, so each
+  attention backend can evaluate the bias the way it likes (dense for reference, block by
+  block, or inside a kernel).
 - ``offset`` is the absolute position of the first query. With a ``LayerCache`` the
   encoding stores what streaming decoding needs (key-side gates, running sums, rotated
   probes) and the bias it returns covers every cached key.
@@ -19,7 +20,8 @@ the Tk >= Tq keys at offset+Tq-Tk..offset+Tq-1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -69,52 +71,135 @@ def positions(offset: int, length: int, device) -> Tensor:
 # Bias descriptions (what the attention backends evaluate)
 # ----------------------------------------------------------------------------------------
 
-def _key_positions(q_pos: Tensor, n_keys: int) -> Tensor:
-    end = q_pos[-1] + 1
-    return torch.arange(int(end) - n_keys, int(end), device=q_pos.device)
+@dataclass(eq=False)
+class Bias:
+    """What an additive encoding returns instead of a (B, H, Tq, Tk) tensor: a description
+    of b(t, j) that every attention backend can evaluate.
+
+    The n_queries queries sit at positions offset .. offset+n_queries-1 and the n_keys keys
+    end with the last query: offset+n_queries-n_keys .. offset+n_queries-1. Sizes and offset
+    are python ints (no tensor is read to learn a shape).
+
+    A subclass adds its tensors as dataclass fields and implements ``block``; that is enough
+    for every backend (the chunked backend evaluates ``block`` in query tiles, the dense
+    reference calls ``dense``). ``score_mod`` is optional: when it returns a FlexAttention
+    score_mod, the GPU runs the bias inside the fused flex kernel. SeparableBias and
+    PathIntegralBias also have fast paths of their own in the backends.
+    """
+    n_queries: int
+    n_keys: int
+    offset: int
+
+    def __post_init__(self):
+        if not 0 < self.n_queries <= self.n_keys:
+            raise ValueError(f"{type(self).__name__}: needs 0 < n_queries <= n_keys (queries are the last "
+                             f"keys), got n_queries={self.n_queries}, n_keys={self.n_keys}")
+
+    @property
+    def first_key(self) -> int:
+        """Absolute position of key 0."""
+        return self.offset + self.n_queries - self.n_keys
+
+    @property
+    def device(self) -> torch.device:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                return value.device
+        return torch.device("cpu")
+
+    def query_positions(self, qs: slice = slice(None)) -> Tensor:
+        start, stop, step = qs.indices(self.n_queries)
+        return torch.arange(self.offset + start, self.offset + stop, step, device=self.device)
+
+    def key_positions(self, ks: slice = slice(None)) -> Tensor:
+        start, stop, step = ks.indices(self.n_keys)
+        return torch.arange(self.first_key + start, self.first_key + stop, step, device=self.device)
+
+    @property
+    def q_pos(self) -> Tensor:
+        return self.query_positions()
+
+    @property
+    def k_pos(self) -> Tensor:
+        return self.key_positions()
+
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        """b(t, j) for the queries ``qs`` against the keys ``ks`` (slices of 0..n_queries-1 and
+        0..n_keys-1), broadcastable to (B, H, nq, nk). Entries above the causal diagonal may
+        hold any finite value: every backend masks them, and none may be needed to compute
+        the visible ones."""
+        raise NotImplementedError(f"{type(self).__name__} must implement block(qs, ks)")
+
+    def dense(self) -> Tensor:
+        """The whole (B|1, H, Tq, Tk) bias: the reference path's (and the tests') view."""
+        return self.block(slice(None), slice(None))
+
+    def score_mod(self, batch: int, n_heads: int):
+        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` adding b(t, j), with q_idx
+        a query index and kv_idx a key index (t - j = q_idx + n_keys - n_queries - kv_idx),
+        or None when the bias is not one (the backends then use ``block``)."""
+        return None
 
 
-@dataclass
-class SeparableBias:
+@dataclass(eq=False)
+class SeparableBias(Bias):
     """b(t, j) = -(t - j) * (slope_q[t] + slope_k[j]) + cum_q[t] - cum_k[j].
 
     ALiBi: slope_q = m_h. GRAPE-A: slope_q = ω_h λ_q(q_t), slope_k = ω_h λ_k(k_j).
     FoX: cum = inclusive prefix sum of log forget gates, so cum_q[t] - cum_k[j] = Σ_{j<ℓ≤t} log f_ℓ.
     Slopes and cums are (B, H, T) on the query or key side; a head-only slope is (1, H, 1).
-    Every field may be None (absent term).
+    Every field may be None (absent term), but not all of them.
     """
-    q_pos: Tensor                       # (Tq,) absolute query positions
-    n_keys: int
     slope_q: Optional[Tensor] = None    # (B|1, H, Tq|1)
     slope_k: Optional[Tensor] = None    # (B, H, Tk)
     cum_q: Optional[Tensor] = None      # (B, H, Tq)
     cum_k: Optional[Tensor] = None      # (B, H, Tk)
 
-    @property
-    def k_pos(self) -> Tensor:
-        return _key_positions(self.q_pos, self.n_keys)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.slope_q is None and self.slope_k is None and self.cum_q is None:
+            raise ValueError("SeparableBias has no term")
+        if (self.cum_q is None) != (self.cum_k is None):
+            raise ValueError("SeparableBias needs cum_q and cum_k together")
 
     def block(self, qs: slice, ks: slice) -> Tensor:
-        """Bias for queries ``qs`` against keys ``ks``: (B|1, H, nq, nk), causal part only."""
-        q_pos, k_pos = self.q_pos[qs], self.k_pos[ks]
+        q_pos, k_pos = self.query_positions(qs), self.key_positions(ks)
         dist = (q_pos[:, None] - k_pos[None, :]).to(self._dtype())          # t - j
-        out = 0.0
         slope = 0.0
         if self.slope_q is not None:
             sq = self.slope_q[..., qs] if self.slope_q.shape[-1] > 1 else self.slope_q
             slope = slope + sq[..., :, None]
         if self.slope_k is not None:
             slope = slope + self.slope_k[..., None, ks]
-        if not isinstance(slope, float):
-            out = out - dist * slope
+        out = 0.0 if isinstance(slope, float) else -dist * slope
         if self.cum_q is not None:
             out = out + self.cum_q[..., qs, None] - self.cum_k[..., None, ks]
-        if isinstance(out, float):
-            raise ValueError("SeparableBias has no term")
         return out
 
-    def dense(self) -> Tensor:
-        return self.block(slice(None), slice(None))
+    def score_mod(self, batch: int, n_heads: int):
+        """Reads the gate tensors it captures as contiguous (B, H, T) float32; FlexAttention
+        differentiates through captured tensors, so gradients reach the slopes and sums."""
+        shift = self.n_keys - self.n_queries
+
+        def full(t, n):
+            return None if t is None else t.float().expand(batch, n_heads, n).contiguous()
+
+        sq, sk = full(self.slope_q, self.n_queries), full(self.slope_k, self.n_keys)
+        cq, ck = full(self.cum_q, self.n_queries), full(self.cum_k, self.n_keys)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dist = (q_idx + shift - kv_idx).to(torch.float32)       # t - j
+            out = score
+            if sq is not None:
+                out = out - dist * sq[b, h, q_idx]
+            if sk is not None:
+                out = out - dist * sk[b, h, kv_idx]
+            if cq is not None:
+                out = out + (cq[b, h, q_idx] - ck[b, h, kv_idx])
+            return out.to(score.dtype)
+
+        return score_mod
 
     def _dtype(self):
         for t in (self.slope_q, self.slope_k, self.cum_q):
@@ -135,28 +220,30 @@ def path_integral_sum(psi: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return suffix - psi
 
 
-@dataclass
-class PathIntegralBias:
+@dataclass(eq=False)
+class PathIntegralBias(Bias):
     """GRAPE-AP: b(t, j) = Σ_{j<ℓ≤t} m_h · logsigmoid(⟨p_t, r_ℓ⟩ / d_p), r_ℓ = R_ℓ p̂_ℓ."""
-    q_pos: Tensor                 # (Tq,)
     p: Tensor                     # (B, H, Tq, dp) query-side probes
     r: Tensor                     # (B, H, Tk, dp) rotated, normalised key-side probes
     slope: Tensor                 # (H,) per-head scale m_h
 
-    @property
-    def n_keys(self) -> int:
-        return self.r.shape[2]
-
-    @property
-    def k_pos(self) -> Tensor:
-        return _key_positions(self.q_pos, self.n_keys)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.p.shape[2] != self.n_queries or self.r.shape[2] != self.n_keys:
+            raise ValueError(f"PathIntegralBias of {self.n_queries} queries x {self.n_keys} keys got probes "
+                             f"p {tuple(self.p.shape)} and r {tuple(self.r.shape)}")
 
     def psi(self, qs: slice = slice(None), ks: slice = slice(None)) -> Tensor:
         z = self.p[:, :, qs] @ self.r[:, :, ks].transpose(-1, -2) / self.p.shape[-1]
         return self.slope.view(1, -1, 1, 1) * F.logsigmoid(z)
 
-    def dense(self) -> Tensor:
-        return path_integral_sum(self.psi(), self.q_pos, self.k_pos)
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        # the path of the block's last query runs past the block's keys, up to its diagonal
+        q0, q1, _ = qs.indices(self.n_queries)
+        k0, k1, _ = ks.indices(self.n_keys)
+        path = slice(k0, max(k1, self.n_keys - self.n_queries + q1))
+        b = path_integral_sum(self.psi(qs, path), self.query_positions(qs), self.key_positions(path))
+        return b[..., :k1 - k0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,16 +251,18 @@ class PathIntegralBias:
 # ----------------------------------------------------------------------------------------
 
 def rope_frequencies(dim: int, base: float) -> Tensor:
-    """θ_i = base^(-2i/d), i = 0..d/2-1 (computed in float64, stored as float32)."""
-    i = torch.arange(0, dim // 2, dtype=torch.float64)
-    return (base ** (-2.0 * i / dim)).float()
+    """θ_i = 1 / base^(2i/d), i = 0..d/2-1, in float32 exactly as the original repository
+    computes them (so its checkpoints see the same spectrum to the last bit)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 def rotate_pairs(x: Tensor, angle: Tensor) -> Tensor:
-    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate coordinate pairs (x[2i], x[2i+1]) by ``angle[..., i]`` (Eq. 3.1, RoPE planes).
+    The rotation is computed in at least float32 (as the original does; float64 stays, for the
+    gradient checks) and returned in x's dtype."""
+    x1, x2 = _float(x[..., 0::2]), _float(x[..., 1::2])
+    cos, sin = _float(angle.cos()), _float(angle.sin())
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def alibi_slopes(n_head: int) -> Tensor:
@@ -236,9 +325,15 @@ def rodrigues_apply(a: Tensor, b: Tensor, x: Tensor, c: Tensor | float = 1.0) ->
     alpha, beta, gamma = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
     f1, f2 = _rodrigues_coefficients(c, _plane_norm_squared(a, b))
     u, v = (a * x).sum(-1, keepdim=True), (b * x).sum(-1, keepdim=True)
-    f1, f2 = f1[..., None], f2[..., None]
-    alpha, beta, gamma = alpha[..., None], beta[..., None], gamma[..., None]
-    return x + f1 * (a * v - b * u) + f2 * (gamma * (a * v + b * u) - beta * a * u - alpha * b * v)
+    coef_a, coef_b = rodrigues_plane_coordinates(alpha[..., None], beta[..., None], gamma[..., None],
+                                                 f1[..., None], f2[..., None], u, v)
+    return x + coef_a * a + coef_b * b
+
+
+def rodrigues_plane_coordinates(alpha, beta, gamma, f1, f2, u, v):
+    """The update exp(cL)x - x = c_a a + c_b b in the plane's own vectors (Appendix I):
+    Lx = a v - b u and L²x = γ(a v + b u) - β a u - α b v, with u = a·x, v = b·x."""
+    return f1 * v + f2 * (gamma * v - beta * u), -f1 * u + f2 * (gamma * u - alpha * v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,6 +344,7 @@ class Encoding(nn.Module):
     """Base class: identity on q/k, no bias. Subclasses override ``forward``."""
     multiplicative = False   # rotates q/k
     additive = False         # returns a bias description
+    takes_coords = False     # forward accepts coords= (grid encodings: explicit token coordinates)
 
     def __init__(self, config):
         super().__init__()
@@ -286,20 +382,39 @@ class RoPE(Encoding):
 class GrapeM(RoPE):
     """Commuting multiplicative GRAPE (§3.1) with learnable frequencies.
 
-    θ = θ_RoPE · exp(δ / s) with δ initialised to 0, i.e. log θ = log θ_RoPE + δ / s. This is
-    the official parameterisation (stored log-frequency divided by s = grape_log_freq_scale,
-    which slows its effective learning rate by s) written so that the initial frequencies are
-    RoPE's bit for bit.
+    The parameter is the original repository's: ``scaled_log_freq`` = s · log θ, initialised at
+    RoPE's spectrum, with s = grape_log_freq_scale (16) slowing its effective learning rate by
+    s; weight decay pulls it toward 0, i.e. θ toward 1, as in the original. The frequencies are
+    evaluated as θ = θ_RoPE · exp((scaled_log_freq − s · log θ_RoPE) / s), the same function
+    written so that at init the exponent is exactly 0 and GRAPE-M equals RoPE bit for bit.
+    ``grape_learnable_freq = False`` freezes them at RoPE's (and, as in the original, s = 1).
     """
 
     def __init__(self, config):
         super().__init__(config)
-        self.log_freq_scale = config.grape_log_freq_scale
+        learnable = config.grape_learnable_freq
+        self.log_freq_scale = float(config.grape_log_freq_scale) if learnable else 1.0
         shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
-        self.log_freq = nn.Parameter(torch.zeros(shape))
+        init = self.rope_scaled_log_freq().expand(shape).clone()
+        self.scaled_log_freq = nn.Parameter(init, requires_grad=learnable)
+
+    def rope_scaled_log_freq(self) -> Tensor:
+        return self.log_freq_scale * torch.log(self.inv_freq)
 
     def frequencies(self) -> Tensor:
-        return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)
+        offset = self.scaled_log_freq - self.rope_scaled_log_freq()
+        return self.inv_freq * torch.exp(offset / self.log_freq_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the original's parameterisation stored δ = s·log(θ/θ_RoPE)
+        # under the name ``log_freq``: same frequencies, other value. Convert, never reinterpret.
+        legacy, current = prefix + "log_freq", prefix + "scaled_log_freq"
+        if legacy in state_dict and current not in state_dict:
+            delta = state_dict.pop(legacy)
+            state_dict[current] = delta + self.rope_scaled_log_freq().to(delta.device, delta.dtype)
+            warnings.warn(f"{prefix}log_freq: converted a GRAPE-M checkpoint of this repository's earlier "
+                          "parameterisation (δ = s·log(θ/θ_RoPE)) to scaled_log_freq = s·log θ")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GrapeMLearnedBasis(GrapeM):
@@ -308,20 +423,22 @@ class GrapeMLearnedBasis(GrapeM):
 
     S = 0 at init, so the encoding starts as RoPE (GRAPE-M) exactly; the planes then rotate
     away from the coordinate pairs while staying mutually orthogonal (so they commute and
-    the relative law stays exact)."""
+    the relative law stays exact). ``grape_basis_shared``: one E for all heads, as Algorithm 1
+    writes it (per-head spectra then come from ``grape_m_per_head``)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.basis_raw = nn.Parameter(torch.zeros(self.n_head, self.head_dim, self.head_dim))
+        n_bases = 1 if config.grape_basis_shared else self.n_head
+        self.basis_raw = nn.Parameter(torch.zeros(n_bases, self.head_dim, self.head_dim))
 
     def basis(self) -> Tensor:
         upper = torch.triu(self.basis_raw, diagonal=1)
-        return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2))      # (H, D, D)
+        return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2))      # (H|1, D, D)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         E = self.basis().to(q.dtype)
-        to_planes = lambda y: torch.einsum("bhtd,hde->bhte", y, E)           # coordinates in E
-        from_planes = lambda y: torch.einsum("bhte,hde->bhtd", y, E)
+        to_planes = lambda y: y @ E                                          # coordinates in E
+        from_planes = lambda y: y @ E.transpose(-1, -2)
         q, k, _ = super().forward(x, to_planes(q), to_planes(k), offset=offset)
         return from_planes(q), from_planes(k), None
 
@@ -374,27 +491,41 @@ class GrapeMNonCommuting(Encoding):
 
 
 class GrapeMContextual(Encoding):
-    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/16) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
-    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only."""
+    """Phase-modulated GRAPE-M: ω_t = sigmoid((w·x_t + b)/s_ω) ≥ 0, Φ_t = Σ_{ℓ<t} ω_ℓ,
+    plane i rotates by Φ_t θ_i. Logits depend on Φ_j - Φ_t only.
+
+    As in the original: s_ω = grape_ctx_omega_scale (16), w = 0 and b = softplus⁻¹(ω_init)
+    at init (ω_init = grape_ctx_init_omega = 1e-3, so ω₀ = sigmoid(b/16) ≈ 0.39), and learnable
+    frequencies θ = exp(log_freq) with log_freq initialised at log θ_RoPE (no scaling), shared
+    or per head (``grape_m_per_head``), frozen with ``grape_learnable_freq = False``. They are
+    evaluated as θ_RoPE · exp(log_freq − log θ_RoPE), exactly RoPE's spectrum at init.
+    """
     multiplicative = True
-    gate_temperature = 16.0
 
     def __init__(self, config):
         super().__init__(config)
         _require_even(self.head_dim, "head_dim", "rotary")
         n_out = self.n_head if config.grape_ctx_per_head else 1
+        self.omega_scale = float(config.grape_ctx_omega_scale)
         self.phase_proj = nn.Linear(config.n_embd, n_out, bias=True)
         nn.init.zeros_(self.phase_proj.weight)
-        nn.init.constant_(self.phase_proj.bias, inverse_softplus(1e-3))
+        nn.init.constant_(self.phase_proj.bias, inverse_softplus(max(config.grape_ctx_init_omega, 1e-8)))
         self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
+        shape = (self.n_head, self.head_dim // 2) if config.grape_m_per_head else (self.head_dim // 2,)
+        self.log_freq = nn.Parameter(torch.log(self.inv_freq).expand(shape).clone(),
+                                     requires_grad=config.grape_learnable_freq)
+
+    def frequencies(self) -> Tensor:
+        """θ, shaped (D/2,) or (H, D/2)."""
+        return self.inv_freq * torch.exp(self.log_freq - torch.log(self.inv_freq))
 
     def increments(self, x: Tensor) -> Tensor:
         """ω_t, shaped (B, H|1, T)."""
-        return torch.sigmoid(self.phase_proj(x) / self.gate_temperature).transpose(1, 2)
+        return torch.sigmoid(self.phase_proj(x).float() / self.omega_scale).transpose(1, 2)
 
     def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
         """Φ_t = Σ_{ℓ<t} ω_ℓ (exclusive prefix sum), continued from the cache."""
-        omega = self.increments(x).float()
+        omega = self.increments(x)
         before = cache.get("phase_total") if cache is not None else None
         inclusive = omega.cumsum(-1)
         if before is not None:
@@ -406,8 +537,19 @@ class GrapeMContextual(Encoding):
 
     def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: float = 0.0):
         phi = self.phases(x, cache) + phase_offset                      # (B, H|1, T)
-        angle = phi[..., None] * self.inv_freq                          # (B, H|1, T, D/2)
+        theta = self.frequencies().float()
+        theta = theta.view(1, -1, 1, theta.shape[-1])                   # (1, H|1, 1, D/2)
+        angle = phi[..., None] * theta                                  # (B, H|1, T, D/2)
         return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the frequencies were learnable kept them at RoPE's:
+        # load those with exactly that spectrum (the parameter's initial value).
+        if prefix + "log_freq" not in state_dict and prefix + "phase_proj.weight" in state_dict:
+            state_dict[prefix + "log_freq"] = torch.log(self.inv_freq).expand_as(self.log_freq).clone()
+            warnings.warn(f"{prefix}log_freq: checkpoint from before GRAPE-M-ctx learned its frequencies; "
+                          "loaded with RoPE's fixed spectrum, as it was trained")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ALiBi(Encoding):
@@ -420,8 +562,7 @@ class ALiBi(Encoding):
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         n_keys = q.shape[2] + (cache.length if cache is not None else 0)
-        bias = SeparableBias(positions(offset, q.shape[2], q.device), n_keys,
-                             slope_q=self.slopes.view(1, -1, 1))
+        bias = SeparableBias(q.shape[2], n_keys, offset, slope_q=self.slopes.view(1, -1, 1))
         return q, k, bias
 
 
@@ -443,17 +584,19 @@ class FoX(Encoding):
         if cache is not None and cache.get("fox_cum") is not None:
             cum = cum + cache.get("fox_cum")[..., -1:]
         cum_k = cache.extend("fox_cum", cum) if cache is not None else cum
-        bias = SeparableBias(positions(offset, q.shape[2], q.device), cum_k.shape[-1],
-                             cum_q=cum, cum_k=cum_k)
+        bias = SeparableBias(q.shape[2], cum_k.shape[-1], offset, cum_q=cum, cum_k=cum_k)
         return q, k, bias
 
 
 class GrapeA(Encoding):
     """Additive GRAPE (Eq. 4.6): b_h(t, j) = -(t - j) ω_h (λ_q(q_t) + λ_k(k_j)).
 
-    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the L2-normalised
-    gate vectors; ω_h = softplus(ω̂_h)·m_h with m_h the ALiBi slope and softplus(ω̂_h) = 1 at
-    init. ``gates`` selects which of the two terms exist: "q", "k" or "qk".
+    λ_q = softplus(v̂_h·q_t/√d), λ_k = softplus(û_h·k_j/√d) with û, v̂ the gate vectors
+    L2-normalised (F.normalize, eps 1e-6) unless switched off; ω_h = softplus(ω̂_h)·m_h with
+    m_h the ALiBi slope and softplus(ω̂_h) = ω_init (1) at init. ``gates`` selects which of
+    the two terms exist: "q", "k" or "qk". The knobs keep the original's names and meaning:
+    the key gate reads keygated_u_*, the query gate querygated_v_*, ω_init comes from
+    keygated_/querygated_/querykeygated_omega_init for "k"/"q"/"qk" (None = 1).
     """
     additive = True
 
@@ -461,40 +604,46 @@ class GrapeA(Encoding):
         super().__init__(config)
         self.use_q, self.use_k = "q" in gates, "k" in gates
         d = self.head_dim
+        omega_init = {"q": config.querygated_omega_init, "k": config.keygated_omega_init,
+                      "qk": config.querykeygated_omega_init}[gates]
+        omega_init = max(1.0 if omega_init is None else float(omega_init), 1e-8)
         if self.use_q:
-            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
+            std = config.querygated_v_init_std
+            self.gate_q = nn.Parameter(torch.randn(self.n_head, d) * (1 / math.sqrt(d) if std is None else std))
+            self.q_l2 = config.querygated_v_l2_eps if config.querygated_v_l2_norm else None
         if self.use_k:
-            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) / math.sqrt(d))
-        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
+            std = config.keygated_u_init_std
+            self.gate_k = nn.Parameter(torch.randn(self.n_head, d) * (1 / math.sqrt(d) if std is None else std))
+            self.k_l2 = config.keygated_u_l2_eps if config.keygated_u_l2_norm else None
+        self.omega_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(omega_init)))
         self.register_buffer("slopes", alibi_slopes(self.n_head))
 
     def omega(self) -> Tensor:
         return F.softplus(self.omega_raw) * self.slopes
 
-    def _gate(self, vec: Tensor, x: Tensor) -> Tensor:
-        unit = F.normalize(vec.float(), dim=-1)                               # (H, D)
+    def _gate(self, vec: Tensor, x: Tensor, l2_eps: Optional[float]) -> Tensor:
+        unit = vec.float() if l2_eps is None else F.normalize(vec.float(), dim=-1, eps=l2_eps)   # (H, D)
         score = torch.einsum("bhtd,hd->bht", x.float(), unit) / math.sqrt(self.head_dim)
         return F.softplus(score)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
         omega = self.omega().view(1, -1, 1)
-        slope_q = omega * self._gate(self.gate_q, q) if self.use_q else None
+        slope_q = omega * self._gate(self.gate_q, q, self.q_l2) if self.use_q else None
         slope_k = None
         if self.use_k:
-            slope_k = omega * self._gate(self.gate_k, k)
+            slope_k = omega * self._gate(self.gate_k, k, self.k_l2)
             if cache is not None:
                 # the key-side slope ω_h λ_k(k_j) is fixed once k_j is seen: cache it
                 slope_k = cache.extend("grape_a_slope_k", slope_k)
         n_keys = q.shape[2] + (cache.length if cache is not None else 0)
-        bias = SeparableBias(positions(offset, q.shape[2], q.device), n_keys,
-                             slope_q=slope_q, slope_k=slope_k)
+        bias = SeparableBias(q.shape[2], n_keys, offset, slope_q=slope_q, slope_k=slope_k)
         return q, k, bias
 
 
 class GrapeAP(Encoding):
     """Path-integral additive GRAPE (§5, Eq. 5.1-5.2).
 
-    p_t = W_p x_t per head (width p_head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
+    p_t = W_p x_t per head (width p_head_dim, None = head_dim), p̂ = RMS-normalised p, r_ℓ = R_ℓ p̂_ℓ with R_ℓ
     the rotation by angle ℓ in every plane (RoPE with base 1), ψ_h(t, ℓ) = m_h ·
     logsigmoid(⟨p_t, r_ℓ⟩ / d_p), b_h(t, j) = Σ_{j<ℓ≤t} ψ_h(t, ℓ). ``p_tie_mode`` reuses
     q, k or v (after QK-norm; v raw) as p instead of a projection.
@@ -508,7 +657,7 @@ class GrapeAP(Encoding):
         if self.tie not in self.tie_modes:
             raise ValueError(f"p_tie_mode must be one of {self.tie_modes}, got {self.tie!r}")
         if self.tie == "none":
-            self.p_dim = config.p_head_dim
+            self.p_dim = config.p_head_dim or self.head_dim
             _require_even(self.p_dim, "p_head_dim", "GRAPE-AP (its probes rotate in planes)")
             self.p_proj = nn.Linear(config.n_embd, self.n_head * self.p_dim, bias=False)
             nn.init.normal_(self.p_proj.weight, std=0.5 / math.sqrt(config.n_embd))
@@ -525,13 +674,16 @@ class GrapeAP(Encoding):
         return {"pq": q, "pk": k, "pv": v}[self.tie]
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
-        p = self.probes(x, q, k, v).float()
-        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)
+        raw = self.probes(x, q, k, v)
+        p = raw.float()
+        # the original's F.rms_norm(p) without weight: eps = machine epsilon of p's dtype
+        # (1.2e-7 in float32, 7.8e-3 for bf16 probes under autocast)
+        p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + torch.finfo(raw.dtype).eps)
         pos = positions(offset, q.shape[2], q.device).float()
         r = rotate_pairs(p_hat, pos[:, None] * self.probe_freq)
         if cache is not None:
             r = cache.extend("grape_ap_r", r)
-        bias = PathIntegralBias(positions(offset, q.shape[2], q.device), p, r, self.slopes)
+        bias = PathIntegralBias(q.shape[2], r.shape[2], offset, p=p, r=r, slope=self.slopes)
         return q, k, bias
 
 
@@ -548,17 +700,437 @@ class Composed(Encoding):
             raise ValueError("a composed pos_encoding is '<multiplicative>+<additive>', "
                              "e.g. 'rope+grape_ap' or 'grape_m+alibi'")
         self.multiplicative = self.additive = True
+        self.takes_coords = rotary.takes_coords or additive.takes_coords
         self.rotary, self.bias = rotary, additive
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
-        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache)
-        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache)
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+        def extra(part):
+            return {"coords": coords} if coords is not None and part.takes_coords else {}
+        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache, **extra(self.bias))
+        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache, **extra(self.rotary))
         return q, k, bias
 
 
 def _require_even(value: int, name: str, why: str) -> None:
     if value % 2:
         raise ValueError(f"{name}={value} must be even for {why}")
+
+
+# ----------------------------------------------------------------------------------------
+# The rest of the family: learned planes, grids, contextual phases, additive dictionary
+# ----------------------------------------------------------------------------------------
+
+def _float(t: Tensor) -> Tensor:
+    """At least float32 (bf16/fp16 -> float32; float64 stays, for gradient checks)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def running_phase(omega: Tensor, cache: Optional[LayerCache], name: str) -> Tensor:
+    """Φ_t = Σ_{ℓ<t} ω_ℓ along the last axis (exclusive prefix sum, §5), continued from the
+    running total that ``cache[name]`` keeps between decoding steps."""
+    inclusive = omega.cumsum(-1)
+    before = cache.get(name) if cache is not None else None
+    if before is not None:
+        inclusive = inclusive + before
+    if cache is not None:
+        cache.set(name, inclusive[..., -1:])
+    return inclusive - omega
+
+
+def butterfly_pairs(m: int) -> list[Tensor]:
+    """Coordinate pairs (i, i + 2^l) of layer l of a butterfly over m coordinates, as (2, n)
+    index tensors; after ⌈log2 m⌉ layers every coordinate has been mixed with every other."""
+    layers, step = [], 1
+    while step < m:
+        first = torch.tensor([i for i in range(m) if not i & step and i + step < m])
+        layers.append(torch.stack([first, first + step]))
+        step *= 2
+    return layers
+
+
+def unitary_butterfly(z_re: Tensor, z_im: Tensor, pairs: list[Tensor], m: int) -> tuple[Tensor, Tensor]:
+    """Q = B_L ⋯ B_1 ∈ U(m), returned as (Re Q, Im Q) of shape (..., m, m).
+
+    Layer l turns each of its complex coordinate pairs (i, j) by the SU(2) element
+    exp([[0, -z̄], [z, 0]]) = [[cos|z|, -z̄ sinc|z|], [z sinc|z|, cos|z|]], z = z_re + i z_im
+    of shape (..., L, ≥ n_pairs). Unitary for every z (by construction, not by a constraint);
+    z = 0 is the identity, and both real directions of z move the frame there (no dead
+    gradient at init, unlike an angle/phase parametrisation)."""
+    eye = torch.eye(m, dtype=z_re.dtype, device=z_re.device)
+    re = eye.expand(*z_re.shape[:-2], m, m)
+    im = torch.zeros_like(re)
+    one = torch.ones((), dtype=z_re.dtype, device=z_re.device)
+    for layer, index in enumerate(pairs):
+        i, j = index[0], index[1]
+        x, y = z_re[..., layer, :i.numel(), None], z_im[..., layer, :i.numel(), None]
+        s2 = x * x + y * y
+        sinc, f2 = _rodrigues_coefficients(one, s2)          # sin|z|/|z|, (1 - cos|z|)/|z|²
+        cos = 1 - s2 * f2
+        ri, ii, rj, ij = re[..., i, :], im[..., i, :], re[..., j, :], im[..., j, :]
+        new_ri = cos * ri - sinc * (x * rj + y * ij)         # row i - z̄ sinc · row j
+        new_ii = cos * ii - sinc * (x * ij - y * rj)
+        new_rj = cos * rj + sinc * (x * ri - y * ii)         # row j + z sinc · row i
+        new_ij = cos * ij + sinc * (x * ii + y * ri)
+        re = re.index_copy(-2, i, new_ri).index_copy(-2, j, new_rj)
+        im = im.index_copy(-2, i, new_ii).index_copy(-2, j, new_ij)
+    return re, im
+
+
+def raster_coordinates(pos: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """Raster index n -> grid coordinates (T, len(grid)); the last axis runs fastest.
+    (H, W): (n // W, n % W); (T, H, W): (n // HW, n // W % H, n % W)."""
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    cols = [pos // strides[0]] + [(pos // strides[a]) % grid[a] for a in range(1, len(grid))]
+    return torch.stack(cols, -1)
+
+
+def explicit_coordinates(coords: Tensor, n_tokens: int, n_axes: int) -> Tensor:
+    """Check user-given coordinates, (T, A) or (B, T, A), and return them as (B|1, T, A) float."""
+    c = coords if coords.dim() == 3 else coords.unsqueeze(0)
+    if c.dim() != 3 or c.shape[1] != n_tokens or c.shape[2] != n_axes:
+        raise ValueError(f"coords must be (T, {n_axes}) or (B, T, {n_axes}) for {n_tokens} tokens, "
+                         f"got {tuple(coords.shape)}")
+    return c.float()
+
+
+class GrapeMPlanes(Encoding):
+    """Commuting GRAPE-M with learned planes, applied by the Rodrigues closed form (§2.3-2.4,
+    Prop. 3.1, Appendix I).
+
+    Per head, d/2 planes (a_k, b_k = J a_k) whose a_k are the columns of a unitary frame
+    Q ∈ U(d/2) (R^d read as C^{d/2}, J = multiplication by i). Hermitian-orthonormal a_k make
+    the d vectors {a_k, J a_k} orthonormal, so the planes are mutually orthogonal *by
+    construction*: the rank-2 generators commute, G(n) = Π_k exp(-n θ_k L(a_k, J a_k)) =
+    I + Σ_k (exp(-n θ_k L_k) - I), and the relative law is exact. Q is a butterfly of complex
+    Givens rotations (``unitary_butterfly``; ⌈log2(d/2)⌉ layers per pass, ``grape_planes_depth``
+    passes), the identity at init: the planes start as RoPE's coordinate pairs.
+
+    Each plane is applied with its Rodrigues update (u = a·x, v = b·x, then x += c_a a + c_b b),
+    all planes at once as four (d/2 × d) products; neither G(n) nor a basis change is formed.
+    The sign: L(a, Ja) turns a away from Ja (§2.4: L|_U = -αJ), so RoPE's direction (a toward
+    Ja, this repository's ``rope``) is exp(-nθ L). Frequencies θ_{h,k} = θ_RoPE·exp(δ/s) per
+    head, δ = 0 at init (s = ``grape_log_freq_scale``, as GRAPE-M).
+
+    ``axes`` > 1 is the grid form (Appendix G, ``GrapeMGrid``): the planes are split into
+    contiguous groups, one per axis, and plane k turns by θ_k times its axis' coordinate.
+    """
+    multiplicative = True
+
+    def __init__(self, config, axes: int = 1):
+        super().__init__(config)
+        _require_even(self.head_dim, "head_dim", "rotary planes")
+        m = self.head_dim // 2
+        if not 1 <= axes <= m:
+            raise ValueError(f"{axes} position axes need 1 <= axes <= head_dim/2 = {m} planes")
+        if config.grape_planes_depth < 1:
+            raise ValueError(f"grape_planes_depth must be >= 1, got {config.grape_planes_depth}")
+        self.n_axes = axes
+        sizes = [m // axes + (a < m % axes) for a in range(axes)]
+        # buffers are persistent: from_pretrained builds the model on the meta device and only
+        # fills what the checkpoint holds
+        self.register_buffer("plane_axis", torch.tensor([a for a, n in enumerate(sizes) for _ in range(n)]))
+        # each axis gets RoPE's spectrum over its own planes (axial RoPE for grids)
+        self.register_buffer("inv_freq", torch.cat([rope_frequencies(2 * s, config.rope_base) for s in sizes]))
+        self.log_freq_scale = config.grape_log_freq_scale
+        self.log_freq = nn.Parameter(torch.zeros(self.n_head, m))
+        pairs = butterfly_pairs(m) * config.grape_planes_depth
+        self.pair_counts = [index.shape[1] for index in pairs]
+        self.n_layers = len(pairs)
+        if self.n_layers:
+            padded = torch.zeros(self.n_layers, 2, m // 2, dtype=torch.long)
+            for layer, index in enumerate(pairs):
+                padded[layer, :, :index.shape[1]] = index
+            self.register_buffer("butterfly", padded)
+            self.frame_re = nn.Parameter(torch.zeros(self.n_head, self.n_layers, m // 2))
+            self.frame_im = nn.Parameter(torch.zeros(self.n_head, self.n_layers, m // 2))
+
+    def frequencies(self) -> Tensor:
+        return self.inv_freq * torch.exp(self.log_freq / self.log_freq_scale)        # (H, d/2)
+
+    def planes(self) -> tuple[Tensor, Tensor]:
+        """a_k and b_k = J a_k of every head, (H, d/2, d) each, orthonormal."""
+        m = self.head_dim // 2
+        if self.n_layers:
+            pairs = [self.butterfly[layer, :, :n] for layer, n in enumerate(self.pair_counts)]
+            re, im = unitary_butterfly(self.frame_re, self.frame_im, pairs, m)
+        else:
+            re = torch.eye(m, device=self.inv_freq.device).expand(self.n_head, m, m)
+            im = torch.zeros_like(re)
+        # column k of Q is a_k: a[2p] = Re Q[p, k], a[2p+1] = Im Q[p, k]; J a = (-Im, Re)
+        a = torch.stack((re, im), -1).transpose(-3, -2).flatten(-2)
+        b = torch.stack((-im, re), -1).transpose(-3, -2).flatten(-2)
+        return a, b
+
+    def coordinates(self, offset: int, n_tokens: int, device, coords: Optional[Tensor]) -> Tensor:
+        """Position of each token on each axis: (T, axes) or (B, T, axes)."""
+        if coords is not None:
+            raise ValueError("coords are for the grid encodings (grape_m_grid, grape_a_grid)")
+        return positions(offset, n_tokens, device)[:, None]
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+        coords = self.coordinates(offset, q.shape[2], q.device, coords).float()
+        plane_pos = coords[..., self.plane_axis].unsqueeze(-3)                       # (B|., 1, T, d/2)
+        angle = -plane_pos * self.frequencies()[:, None, :]                          # (B|., H, T, d/2)
+        a, b = self.planes()
+        return self.rotate(q, a, b, angle), self.rotate(k, a, b, angle), None
+
+    @staticmethod
+    def rotate(y: Tensor, a: Tensor, b: Tensor, angle: Tensor) -> Tensor:
+        """y + Σ_k (exp(angle_k L(a_k, b_k)) - I) y, plane by plane (valid: the planes are orthogonal)."""
+        alpha, beta, gamma = ((a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1))      # (H, d/2)
+        f1, f2 = _rodrigues_coefficients(angle, _plane_norm_squared(a, b)[:, None, :])
+        a_t, b_t = a.to(y.dtype), b.to(y.dtype)
+        u, v = y @ a_t.transpose(-1, -2), y @ b_t.transpose(-1, -2)                  # (B, H, T, d/2)
+        coef_a, coef_b = rodrigues_plane_coordinates(alpha[:, None, :], beta[:, None, :], gamma[:, None, :],
+                                                     f1, f2, _float(u), _float(v))
+        return y + coef_a.to(y.dtype) @ a_t + coef_b.to(y.dtype) @ b_t
+
+
+class GrapeMGrid(GrapeMPlanes):
+    """2D/3D multiplicative GRAPE (Appendix G): G(u, v) = exp(u L^(x)) exp(v L^(y)) with one
+    commuting generator per axis, L^(axis) = Σ_{k in the axis' planes} θ_k L(a_k, J a_k) over
+    learned mutually orthogonal planes (``GrapeMPlanes``). At init the planes are the
+    coordinate pairs and the spectrum is RoPE's per axis: axial 2D/3D RoPE exactly.
+
+    Tokens sit on ``grid`` = (H, W) or (T, H, W) in raster order (coordinates derived from the
+    1D position), or at explicit ``coords`` (T or B, T, axes) passed to forward."""
+    takes_coords = True
+
+    def __init__(self, config):
+        self.grid = _require_grid(config)
+        super().__init__(config, axes=len(self.grid))
+
+    def coordinates(self, offset, n_tokens, device, coords):
+        if coords is not None:
+            return explicit_coordinates(coords.to(device), n_tokens, self.n_axes)
+        return raster_coordinates(positions(offset, n_tokens, device), self.grid)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with 0 (and a zero gradient, not NaN) at 0."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+@dataclass(eq=False)
+class GridDistanceBias(Bias):
+    """b_h(t, j) = -Σ_a α_{h,a} |c_a(t) - c_a(j)| ('abs') or -‖α_h ⊙ (c(t) - c(j))‖ ('radial')
+    from grid coordinates c of the queries and keys. Not low rank: backends evaluate ``block``."""
+    q_coords: Tensor = None             # (B|1, Tq, A) float
+    k_coords: Tensor = None             # (B|1, Tk, A) float
+    slopes: Tensor = None               # (H, A), ≥ 0
+    distance: str = "abs"
+
+    def block(self, qs: slice, ks: slice) -> Tensor:
+        slopes = _float(self.slopes)
+        delta = (self.q_coords[:, qs, None, :] - self.k_coords[:, None, ks, :]).to(slopes.dtype)   # (B|1, nq, nk, A)
+        per_axis = slopes[None, :, None, None, :]                                      # (1, H, 1, 1, A)
+        if self.distance == "abs":            # elementwise (autocast would take an einsum to bf16)
+            return -(delta.abs().unsqueeze(1) * per_axis).sum(-1)
+        return -_safe_sqrt((delta.unsqueeze(1) * per_axis).square().sum(-1))
+
+    def score_mod(self, batch: int, n_heads: int):
+        qc = self.q_coords.float().expand(batch, -1, -1).contiguous()
+        kc = self.k_coords.float().expand(batch, -1, -1).contiguous()
+        slopes = self.slopes.float().contiguous()
+        radial = self.distance == "radial"
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            total = torch.zeros_like(score, dtype=torch.float32)
+            for a in range(qc.shape[-1]):
+                delta = qc[b, q_idx, a] - kc[b, kv_idx, a]
+                total = total + ((slopes[h, a] * delta).square() if radial else slopes[h, a] * delta.abs())
+            if radial:
+                total = _safe_sqrt(total)
+            return (score - total).to(score.dtype)
+
+        return score_mod
+
+
+class GrapeAGrid(Encoding):
+    """2D/3D additive GRAPE (Appendix G): the scalar offset m becomes a function of the
+    coordinate differences Δ_a = c_a(t) - c_a(j), with per-head, per-axis slopes
+    α_{h,a} = softplus(ω̂_{h,a})·m_h (m_h ALiBi's slope, softplus(ω̂) = 1 at init):
+
+    - ``grid_distance='abs'`` (default): b = -Σ_a α_{h,a}|Δ_a|, 2D ALiBi with a Manhattan
+      distance: in raster order the column offset Δ_v has either sign (a key in an earlier row
+      may lie right of the query), and a recency bias should penalise both;
+    - ``'signed'``: b = -Σ_a α_{h,a} Δ_a, the paper's m = α_x(u_t - u_j) + α_y(v_t - v_j): exactly
+      separable (a SeparableBias: the fast path), but it rewards keys to the right of the query;
+    - ``'radial'``: b = -‖α_h ⊙ Δ‖, the paper's 3D m = ‖r_t - r_j‖ (with per-axis scales).
+
+    Every form depends on the offset vector only (exact relative law); causality is the raster
+    order's mask. Coordinates as in ``GrapeMGrid``."""
+    additive = True
+    takes_coords = True
+    distances = ("abs", "signed", "radial")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.grid = _require_grid(config)
+        if config.grid_distance not in self.distances:
+            raise ValueError(f"grid_distance must be one of {self.distances}, got {config.grid_distance!r}")
+        self.distance = config.grid_distance
+        self.slope_raw = nn.Parameter(torch.full((self.n_head, len(self.grid)), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+
+    def axis_slopes(self) -> Tensor:
+        return F.softplus(self.slope_raw) * self.slopes[:, None]                     # (H, A)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+        B, _, Tq, _ = q.shape
+        n_keys = Tq + (cache.length if cache is not None else 0)
+        q_coords, k_coords = self.token_coordinates(B, Tq, n_keys, offset, q.device, cache, coords)
+        alpha = self.axis_slopes()
+        if self.distance == "signed":
+            # elementwise, not a matmul: autocast would round the coordinates to bf16
+            cum_q = -(q_coords.unsqueeze(-2) * alpha).sum(-1).transpose(1, 2)           # (B|1, H, Tq)
+            cum_k = -(k_coords.unsqueeze(-2) * alpha).sum(-1).transpose(1, 2)
+            return q, k, SeparableBias(Tq, n_keys, offset, cum_q=cum_q, cum_k=cum_k)
+        return q, k, GridDistanceBias(Tq, n_keys, offset, q_coords=q_coords, k_coords=k_coords,
+                                      slopes=alpha, distance=self.distance)
+
+    def token_coordinates(self, B, Tq, n_keys, offset, device, cache, coords):
+        """(B|1, Tq, A) query and (B|1, Tk, A) key coordinates, float."""
+        stored = cache.get("grid_coords") if cache is not None else None
+        if coords is None:
+            if stored is not None:
+                raise ValueError("this cache holds explicit coords: pass coords for every chunk")
+            first_key = offset + Tq - n_keys
+            k_coords = raster_coordinates(positions(first_key, n_keys, device), self.grid)[None].float()
+            return k_coords[:, n_keys - Tq:], k_coords
+        q_coords = explicit_coordinates(coords.to(device), Tq, len(self.grid))
+        if cache is None:
+            return q_coords, q_coords
+        if cache.length and stored is None:
+            raise ValueError("explicit coords must be given from the first token of a cached sequence")
+        return q_coords, cache.extend("grid_coords", q_coords.expand(B, -1, -1), dim=1)
+
+
+def _require_grid(config) -> tuple[int, ...]:
+    grid = getattr(config, "grid", None)
+    if not grid or any(int(s) < 1 for s in grid):
+        raise ValueError(f"the grid encodings need grid=(H, W) or (T, H, W) with positive sizes, got {grid!r}")
+    return tuple(int(s) for s in grid)
+
+
+def clock_rate(logit: Tensor) -> Tensor:
+    """ω = 2·sigmoid(logit) ∈ (0, 2): a token-driven clock that may stop or run up to twice as
+    fast as the position counter, exactly 1 at logit 0 (so the encodings start as RoPE/ALiBi),
+    and bounded, so phases cannot blow up at long context."""
+    return 2 * torch.sigmoid(_float(logit))
+
+
+class GrapeAPhase(Encoding):
+    """Phase-modulated additive GRAPE (§5, 'Relation to GRAPE-A'): b_h(t, j) = -θ_h (Φ_t - Φ_j),
+    Φ_u = Σ_{ℓ<u} ω_ℓ, ω_ℓ = 2·sigmoid(w·x_ℓ + b) ≥ 0 (one phase shared by the heads, or one
+    per head with ``grape_ctx_per_head``), θ_h = softplus(θ̂_h)·m_h ≥ 0.
+
+    Exactly separable, cum_q = -θ_h Φ_t and cum_k = -θ_h Φ_j: a SeparableBias (fast path); the
+    cache keeps the key-side sums and the running phase. Exact relative law in Φ. Init w = 0,
+    b = 0, softplus(θ̂) = 1: ω ≡ 1, Φ_u = u, and the bias is ALiBi's (the paper's 'a_ℓ ≡ 1'
+    case) until the gate learns to stretch or shrink the clock."""
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.phase_proj = nn.Linear(config.n_embd, self.n_head if config.grape_ctx_per_head else 1, bias=True)
+        nn.init.zeros_(self.phase_proj.weight)
+        nn.init.zeros_(self.phase_proj.bias)
+        self.rate_raw = nn.Parameter(torch.full((self.n_head,), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+
+    def rates(self) -> Tensor:
+        return F.softplus(self.rate_raw) * self.slopes                               # θ_h, (H,)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        omega = clock_rate(self.phase_proj(x)).transpose(1, 2)                        # (B, H|1, T)
+        phi = running_phase(omega, cache, "grape_a_phase_total")
+        cum = -self.rates().view(1, -1, 1) * phi                                     # (B, H, T)
+        cum_k = cache.extend("grape_a_phase_cum", cum) if cache is not None else cum
+        return q, k, SeparableBias(q.shape[2], cum_k.shape[-1], offset, cum_q=cum, cum_k=cum_k)
+
+
+class GrapeMContextualDictionary(Encoding):
+    """Multi-subspace / dictionary contextual GRAPE-M (§5 phases, Appendix A): R phase
+    channels Φ_{t,r} = Σ_{ℓ<t} ω_{ℓ,r}, ω_{ℓ,r} = 2·sigmoid(w_r·x_ℓ + b_r) ≥ 0, drive a dictionary
+    of R commuting generators on RoPE's planes, L_{h,r} = Σ_i C_{h,r,i} θ_i L_i, and
+    G_h(t) = exp(Σ_r Φ_{t,r} L_{h,r}): plane i of head h turns by θ_i Σ_r C_{h,r,i} Φ_{t,r}.
+    The generators commute, so logits depend on the phase differences Φ_j - Φ_t only.
+
+    Init: C is the one-hot split of the planes into R contiguous frequency bands (the
+    multi-subspace form, each band with its own token-adaptive clock), w = 0, b = 0:
+    every Φ_{t,r} = t and the encoding starts as RoPE. Learning C turns the bands into a
+    dictionary (a plane may follow a mixture of clocks). Channels shared by the heads, mixing
+    C per head. R = ``grape_ctx_dict_size``."""
+    multiplicative = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        _require_even(self.head_dim, "head_dim", "rotary")
+        m, R = self.head_dim // 2, config.grape_ctx_dict_size
+        if not 1 <= R <= m:
+            raise ValueError(f"grape_ctx_dict_size={R} needs 1 <= grape_ctx_dict_size <= head_dim/2 = {m}")
+        self.phase_proj = nn.Linear(config.n_embd, R, bias=True)
+        nn.init.zeros_(self.phase_proj.weight)
+        nn.init.zeros_(self.phase_proj.bias)
+        bands = F.one_hot(torch.arange(m) * R // m, R).T.float()                     # (R, d/2)
+        self.mix = nn.Parameter(bands.repeat(self.n_head, 1, 1))                     # (H, R, d/2)
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
+
+    def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
+        omega = clock_rate(self.phase_proj(x)).transpose(1, 2)                        # (B, R, T)
+        return running_phase(omega, cache, "grape_ctx_dict_total")
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0):
+        phi = self.phases(x, cache)
+        # a float is added as is (torch.as_tensor of a python float fails on the meta device)
+        phi = phi + (phase_offset.reshape(-1, 1) if isinstance(phase_offset, Tensor) else phase_offset)
+        # elementwise, not an einsum: autocast would take a matmul to bf16, and angles need fp32
+        mix = _float(self.mix)[None, :, :, None, :]                                   # (1, H, R, 1, d/2)
+        angle = (_float(phi)[:, None, :, :, None] * mix).sum(2) * self.inv_freq       # (B, H, T, d/2)
+        return rotate_pairs(q, angle), rotate_pairs(k, angle), None
+
+
+class GrapeADictionary(Encoding):
+    """Commuting additive dictionary (§4, Appendix J.3 'dictionary closure'): R content-gated
+    rank-1 unipotent atoms A_r with A_r A_s = 0 for all r, s, so Σ_r is still index-2 nilpotent,
+    exp(m Σ_r A_r) = I + m Σ_r A_r, and the law stays exactly relative:
+
+        b_h(t, j) = -(t - j) Σ_r ω_{h,r} (λ_{q,r}(q_t) + λ_{k,r}(k_j)),
+
+    λ_{q,r} = softplus(v̂_{h,r}·q_t/√d), λ_{k,r} = softplus(û_{h,r}·k_j/√d) (gate vectors
+    L2-normalised when used, as GRAPE-A), ω_{h,r} = softplus(ω̂_{h,r})·m_h / R with
+    softplus(ω̂) = 1 at init: R atoms share ALiBi's slope, so the summed rate starts where
+    GRAPE-A-QK's does. A sum of softplus gates is a richer, still non-negative rate. Separable
+    (query- and key-side slopes): the fast path; the cache keeps the key-side slope."""
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        R, d = config.grape_a_dict_size, self.head_dim
+        if R < 1:
+            raise ValueError(f"grape_a_dict_size must be >= 1, got {R}")
+        self.gate_q = nn.Parameter(torch.randn(self.n_head, R, d) / math.sqrt(d))
+        self.gate_k = nn.Parameter(torch.randn(self.n_head, R, d) / math.sqrt(d))
+        self.weight_raw = nn.Parameter(torch.full((self.n_head, R), inverse_softplus(1.0)))
+        self.register_buffer("slopes", alibi_slopes(self.n_head))
+
+    def weights(self) -> Tensor:
+        return F.softplus(self.weight_raw) * self.slopes[:, None] / self.weight_raw.shape[1]   # (H, R)
+
+    def rate(self, gate: Tensor, y: Tensor) -> Tensor:
+        """Σ_r ω_{h,r} softplus(ĝ_{h,r}·y/√d), (B, H, T)."""
+        unit = F.normalize(_float(gate), dim=-1)
+        lam = F.softplus(torch.einsum("bhtd,hrd->bhtr", _float(y), unit.to(_float(y).dtype)) / math.sqrt(self.head_dim))
+        return (lam * self.weights()[:, None, :]).sum(-1)
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        slope_k = self.rate(self.gate_k, k)
+        if cache is not None:
+            slope_k = cache.extend("grape_a_dict_slope_k", slope_k)
+        return q, k, SeparableBias(q.shape[2], slope_k.shape[-1], offset,
+                                   slope_q=self.rate(self.gate_q, q), slope_k=slope_k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -578,7 +1150,14 @@ ENCODINGS = {
     "grape_a_k": lambda c: GrapeA(c, "k"),
     "grape_a_qk": lambda c: GrapeA(c, "qk"),
     "grape_ap": GrapeAP,
+    "grape_m_planes": GrapeMPlanes,
+    "grape_m_grid": GrapeMGrid,
+    "grape_m_ctx_dict": GrapeMContextualDictionary,
+    "grape_a_grid": GrapeAGrid,
+    "grape_a_phase": GrapeAPhase,
+    "grape_a_dict": GrapeADictionary,
 }
+GRID_ENCODINGS = ("grape_m_grid", "grape_a_grid")     # need GPTConfig.grid
 
 
 def check_encoding_name(name: str) -> list[str]:

@@ -568,13 +568,13 @@ def grape_ap_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, sl
 
 def grape_ap_triton_attention(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
     """Backend entry point: ``bias`` is a ``grape.PathIntegralBias``; same result as
-    ``attention.dense_attention(q, k, v, bias)``."""
+    ``attention_common.dense_attention(q, k, v, bias)``."""
     from grape import PathIntegralBias
     if not isinstance(bias, PathIntegralBias):
         raise TypeError(f"grape_ap_triton: bias must be a PathIntegralBias, got {type(bias).__name__}")
-    if bias.q_pos.shape != (q.shape[2],):
-        raise ValueError(f"grape_ap_triton: bias.q_pos {tuple(bias.q_pos.shape)} does not match "
-                         f"{q.shape[2]} queries")
+    if (bias.n_queries, bias.n_keys) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"grape_ap_triton: the bias covers {bias.n_queries} queries x {bias.n_keys} keys, "
+                         f"attention has {q.shape[2]} x {k.shape[2]}")
     return grape_ap_attention(q, k, v, bias.p, bias.r, bias.slope)
 
 

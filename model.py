@@ -11,7 +11,8 @@ trust_remote_code=True)`` opens it without this repository.
 import importlib
 import math
 import os
-from typing import NamedTuple, Optional
+import sys
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -20,11 +21,12 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from attention import attend
+from attention import attend, backend_choices
 from generation import StreamingGenerationMixin, hf_forward, sample
-from grape import LayerCache, build_encoding, check_encoding_name
+from grape import GRID_ENCODINGS, LayerCache, build_encoding, check_encoding_name
 
-ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis")
+ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_planes", "grape_m_grid",
+                    "grape_m_ctx_dict")
 
 # The original repository's model_type strings, mapped onto pos_encoding.
 LEGACY_MODEL_TYPES = {
@@ -79,13 +81,35 @@ class GPTConfig(PretrainedConfig):
     head_dim: Optional[int] = None            # default n_embd // n_head
     pos_encoding: str = "rope"
     rope_base: float = 10000.0
-    grape_log_freq_scale: float = 16.0        # GRAPE-M: stored log-frequency is divided by this
-    grape_m_per_head: bool = False            # GRAPE-M: one spectrum per head instead of shared
-    grape_ctx_per_head: bool = False          # GRAPE-M-ctx: one phase increment per head
+    grape_log_freq_scale: float = 16.0        # GRAPE-M: parameter = this × log θ (slows its learning rate)
+    grape_learnable_freq: bool = True         # GRAPE-M, GRAPE-M-ctx: learn the frequencies
+    grape_m_per_head: bool = False            # GRAPE-M, GRAPE-M-ctx: one spectrum per head instead of shared
+    grape_ctx_per_head: bool = False          # GRAPE-M-ctx, grape_a_phase: one phase increment per head
+    grape_ctx_init_omega: float = 1e-3        # GRAPE-M-ctx: gate bias = softplus⁻¹(this)
+    grape_ctx_omega_scale: float = 16.0       # GRAPE-M-ctx: ω = sigmoid(gate / this)
+    grape_basis_shared: bool = False          # grape_m_basis: one basis E for all heads (Algorithm 1)
+    grape_planes_depth: int = 1               # grape_m_planes/grid: butterfly passes of the plane frame
+    grape_ctx_dict_size: int = 4              # grape_m_ctx_dict: phase channels (frequency bands)
+    grape_a_dict_size: int = 4                # grape_a_dict: gated additive atoms per head
+    grid: Optional[Union[tuple[int, ...], list[int]]] = None   # grid encodings: (H, W) or (T, H, W), raster order
+    grid_distance: str = "abs"                # grape_a_grid: abs | signed | radial
     grape_nc_planes: int = 4                  # non-commuting GRAPE-M: rank-2 generators per head
-    p_head_dim: int = 8                       # GRAPE-AP probe width
+    # GRAPE-A, in the original's names: ω_init (None = 1) and the gate vectors' init std
+    # (None = 1/√head_dim), L2 normalisation and its eps; "k" reads keygated_*, "q" querygated_*,
+    # "qk" querykeygated_omega_init with keygated_u_* and querygated_v_*
+    keygated_omega_init: Optional[float] = None
+    querygated_omega_init: Optional[float] = None
+    querykeygated_omega_init: Optional[float] = None
+    keygated_u_init_std: Optional[float] = None
+    keygated_u_l2_norm: bool = True
+    keygated_u_l2_eps: float = 1e-6
+    querygated_v_init_std: Optional[float] = None
+    querygated_v_l2_norm: bool = True
+    querygated_v_l2_eps: float = 1e-6
+    p_head_dim: Optional[int] = 8             # GRAPE-AP probe width (None = head_dim)
     p_tie_mode: str = "none"                  # GRAPE-AP: none | pq | pk | pv
     use_qk_rmsnorm: bool = True
+    qk_norm_after_rotation: bool = False      # the original's order in its rotary files (breaks the exact relative law)
     using_groupnorm: bool = False             # RMSNorm per head on the attention output
     use_k_shift: bool = False
     use_v_shift: bool = False
@@ -96,6 +120,8 @@ class GPTConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
             self.head_dim = self.n_embd // self.n_head
+        if self.grid is not None:
+            self.grid = tuple(self.grid)       # a list after a JSON round trip
         super().__post_init__(**kwargs)
         # What a saved config.json tells transformers: where the code is, and GPT-2's
         # <|endoftext|> as bos/eos, so that generate() stops there (generation_config.json).
@@ -111,10 +137,52 @@ class GPTConfig(PretrainedConfig):
             raise ValueError(f"n_head * head_dim must equal n_embd, got {self.n_head} * {self.head_dim} != {self.n_embd}")
         if any(p in ROTARY_ENCODINGS for p in parts) and self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for the rotary encoding {self.pos_encoding!r}")
-        if "grape_ap" in parts and self.p_tie_mode == "none" and self.p_head_dim % 2:
+        if "grape_ap" in parts and self.p_tie_mode == "none" and (self.p_head_dim or self.head_dim) % 2:
             raise ValueError(f"p_head_dim={self.p_head_dim} must be even (GRAPE-AP probes rotate in planes)")
+        for key in ("keygated_omega_init", "querygated_omega_init", "querykeygated_omega_init"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be non-negative (ω_h = softplus(ω̂_h) ≥ 0)")
+        for key in ("grape_log_freq_scale", "grape_ctx_omega_scale", "keygated_u_l2_eps", "querygated_v_l2_eps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.attn_backend not in backend_choices():
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {backend_choices()}")
+        self.check_grid(parts)
+
+    def check_grid(self, parts) -> None:
+        on_grid = [p for p in parts if p in GRID_ENCODINGS]
+        if on_grid and self.grid is None:
+            raise ValueError(f"pos_encoding {self.pos_encoding!r} places tokens on a grid: set grid=(H, W) "
+                             "or (T, H, W) (tokens in raster order)")
+        if self.grid is None:
+            return
+        if not on_grid:
+            raise ValueError(f"grid={self.grid} is used only by the grid encodings {GRID_ENCODINGS}, "
+                             f"not by pos_encoding {self.pos_encoding!r}")
+        if not self.grid or any(s < 1 for s in self.grid):
+            raise ValueError(f"grid sizes must be positive, got {self.grid}")
+        if self.block_size > math.prod(self.grid):
+            raise ValueError(f"grid={self.grid} holds {math.prod(self.grid)} tokens, fewer than "
+                             f"block_size={self.block_size}")
+        if self.grid_distance not in ("abs", "signed", "radial"):
+            raise ValueError(f"grid_distance must be abs, signed or radial, got {self.grid_distance!r}")
+
+
+def read_weights(path: str) -> dict[str, Tensor]:
+    """The tensors of a save_pretrained folder: model.safetensors or pytorch_model.bin, sharded or not."""
+    import json
+    from transformers.modeling_utils import load_state_dict
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_state_dict(os.path.join(path, shard)).items()}
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return load_state_dict(os.path.join(path, name))
+    raise FileNotFoundError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin)")
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +193,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
 class TokenShift(nn.Module):
@@ -144,8 +212,8 @@ class TokenShift(nn.Module):
         prev = torch.cat([prev_last, y[:, :, :-1]], dim=2)
         if cache is not None:
             cache.set(self.name, y[:, :, -1:])
-        a = torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1).to(y.dtype)  # (B, H, T, 1)
-        return a * prev + (1 - a) * y
+        a = torch.sigmoid(self.gate(x).float()).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1), float32
+        return (a * prev + (1 - a) * y).to(y.dtype)
 
 
 class Attention(nn.Module):
@@ -164,25 +232,35 @@ class Attention(nn.Module):
         self.k_shift = TokenShift(config, "k_shift_last") if config.use_k_shift else None
         self.v_shift = TokenShift(config, "v_shift_last") if config.use_v_shift else None
         self.pos = build_encoding(config)
+        self.norm_after_rotation = config.qk_norm_after_rotation
+        if self.norm_after_rotation and self.pos.additive:
+            raise ValueError(f"qk_norm_after_rotation applies to rotary encodings only; {config.pos_encoding!r} "
+                             "has an additive part whose gates must see normalised q, k")
 
     def heads(self, y: Tensor) -> Tensor:
         B, T, _ = y.shape
         return y.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
     def project(self, x: Tensor, cache: Optional[LayerCache] = None):
-        """q, k, v per head after KV-shift and QK-norm, before the positional encoding."""
+        """q, k, v per head after KV-shift and QK-norm (unless it comes after the rotation),
+        before the positional encoding."""
         q, k, v = self.heads(self.c_q(x)), self.heads(self.c_k(x)), self.heads(self.c_v(x))
         if self.k_shift is not None:
             k = self.k_shift(x, k, cache)
         if self.v_shift is not None:
             v = self.v_shift(x, v, cache)
+        if self.norm_after_rotation:
+            return q, k, v
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.project(x, cache)
         offset = cache.length if cache is not None else 0
-        q, k, bias = self.pos(x, q, k, v=v, offset=offset, cache=cache)
+        extra = {} if coords is None else {"coords": coords}      # grid encodings: explicit positions
+        q, k, bias = self.pos(x, q, k, v=v, offset=offset, cache=cache, **extra)
+        if self.norm_after_rotation:           # the original's order in its RoPE/GRAPE-M files
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.extend("k", k), cache.extend("v", v)
             cache.length += T
@@ -211,8 +289,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, coords)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -266,11 +344,13 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
     # -- forward ----------------------------------------------------------------------
     def forward(self, idx: Optional[Tensor] = None, targets: Optional[Tensor] = None,
                 caches: Optional[list[LayerCache]] = None, logits_to_keep: int = 0, *,
-                input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
-                return_dict=None, **kwargs):
+                coords: Optional[Tensor] = None, input_ids=None, attention_mask=None, past_key_values=None,
+                use_cache=None, return_dict=None, **kwargs):
         """``model(idx, targets, caches)`` -> ``(logits, loss)``. With ``caches`` (one
         ``LayerCache`` per layer, see ``new_caches``) the tokens continue the cached sequence.
         ``logits_to_keep=n`` computes logits for the last n positions only (decoding).
+        ``coords`` (T, axes) or (B, T, axes): explicit token coordinates for the grid encodings
+        (default: raster order on ``config.grid``).
         The pair is an ``LMOutput``: ``model(idx).logits`` works as well.
 
         Called the transformers way (``input_ids=``, ``past_key_values=``, ``use_cache=``,
@@ -286,9 +366,11 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size="
                              f"{self.config.block_size}; load the model with a larger block_size "
                              "to evaluate beyond the training context")
+        if coords is not None and self.config.grid is None:
+            raise ValueError("coords are token coordinates for the grid encodings; this model has no grid")
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches is not None else None)
+            x = block(x, caches[i] if caches is not None else None, coords)
         if logits_to_keep:
             if targets is not None:
                 raise ValueError("logits_to_keep and targets cannot be combined (the loss needs every logit)")
@@ -317,27 +399,60 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
             self.push_to_hub(repo_id, **hub_kwargs)
 
     @classmethod
-    def load(cls, path: str, map_location="cpu", **overrides) -> "GPT":
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, made strict: transformers leaves a parameter the
+        checkpoint lacks uninitialised and ignores one it has too many. Here a local folder whose
+        parameters do not match is read again through ``load_state_dict``, which converts the
+        earlier parameterisations of this repository (GRAPE-M's δ, GRAPE-M-ctx's fixed spectrum;
+        see grape.py), and any mismatch left is an error naming the parameters."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = set(info["missing_keys"]) - {"lm_head.weight"}             # tied to the embedding
+        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+            path = str(pretrained_model_name_or_path)
+            if not os.path.isdir(path):
+                raise ValueError(f"{path} does not match its config: missing {sorted(missing)[:5]}, "
+                                 f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+            model.load_exactly(read_weights(path), path)
+        return (model, info) if want_info else model
+
+    def load_exactly(self, state: dict, source: str) -> None:
+        """load_state_dict (its conversion hooks run), then an error for any parameter left unmatched."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {source} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu", model_type: Optional[str] = None, **overrides) -> "GPT":
         """Load a ``save_pretrained`` folder or a training checkpoint file (``ckpt.pt`` with
-        keys ``model`` and ``model_config``). ``overrides`` change config fields that do not
-        change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
+        keys ``model`` and ``model_config``), of this repository or of the original one
+        (``original_checkpoint.py``; ``model_type`` names the original's encoding where its
+        parameters do not, e.g. 'llama-mha-rope'). ``overrides`` change config fields that do
+        not change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
+        # imported by name so that they are not shipped as remote code (hf_checkpoint)
+        checkpoint = importlib.import_module("checkpoint")
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-            return cls.from_pretrained(path, **overrides)
+            checkpoint.check_pretrained_folder(path)
+            original_checkpoint = importlib.import_module("original_checkpoint")
+            if original_checkpoint.is_original_folder(path):
+                return original_checkpoint.load_original(path, model_type, **overrides)
+            if model_type is not None:
+                raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
+            with checkpoint.hf_progress_bars_off(not sys.stderr.isatty()):   # no bars in log files (tqdm's convention)
+                return cls.from_pretrained(path, **overrides)
         if os.path.isdir(path):
             path = os.path.join(path, "ckpt.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = checkpoint.read_checkpoint_file(path, map_location)
         if "model" not in ckpt or "model_config" not in ckpt:
-            raise ValueError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
+            raise checkpoint.CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
         config = GPTConfig(**{**ckpt["model_config"], **overrides})
         model = cls(config)
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        model.load_exactly(state, path)
         return model
 
     def new_caches(self) -> list[LayerCache]:
@@ -373,10 +488,25 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def optimizer_groups(self, weight_decay: float):
-        """Weight decay on matrices (dim >= 2), none on norm weights, biases and frequencies."""
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+    WEIGHT_DECAY_POLICIES = ("all_but_norms", "matrices")
+
+    def optimizer_groups(self, weight_decay: float, policy: str = "all_but_norms"):
+        """AdamW parameter groups: ``[decayed, not decayed]``.
+
+        ``all_but_norms`` (default, the original repository's): weight decay on every
+        parameter except RMSNorm weights, so also on frequencies, ω, gate vectors and biases
+        (decay pulls GRAPE-M's s·log θ toward 0, i.e. θ toward 1, as in the paper's runs).
+        ``matrices``: weight decay on every parameter with at least two dimensions (weight
+        matrices, and also per-head frequency tables, GRAPE-A gate vectors, GRAPE-M bases,
+        non-commuting planes), none on one-dimensional ones (norm weights, biases, shared
+        frequencies, ω). Frozen parameters are left out."""
+        if policy not in self.WEIGHT_DECAY_POLICIES:
+            raise ValueError(f"weight decay policy must be one of {self.WEIGHT_DECAY_POLICIES}, got {policy!r}")
+        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        params = [p for p in self.parameters() if p.requires_grad]
+        if policy == "all_but_norms":
+            decayed = [id(p) not in norm_weights for p in params]
+        else:
+            decayed = [p.dim() >= 2 for p in params]
+        return [{"params": [p for p, d in zip(params, decayed) if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0}]

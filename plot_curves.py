@@ -1,25 +1,22 @@
 """Training and validation loss curves of several runs in one PNG (the paper's Figures 2-3).
 
     python plot_curves.py out-rope out-alibi out-grape_ap --out curves.png --smooth 0.9
+    python plot_curves.py wandb:my-team/grape/1a2b3c4d out-rope       # a run on a wandb server
 
-Each argument is a training out_dir (its ``log.jsonl``, else its wandb offline run), a
-``log.jsonl`` file, or a wandb offline run folder (``wandb/offline-run-*``). Curves are
-plotted against training tokens; labels are the run folder names with the encoding read
-from the checkpoint (``--labels`` overrides them).
-
-wandb offline runs: wandb 0.31 has no public reader for its ``.wandb`` files, which are a
-LevelDB-style record log of protobuf ``Record`` messages; ``read_wandb_history`` walks that
-log and decodes the history records with wandb's own protobuf classes. A run folder that
-has ``files/wandb-history.jsonl`` (older wandb versions) is read from that file instead.
+Each argument is a training out_dir (its ``log.jsonl``, which every run writes whether or not
+wandb is on), a ``log.jsonl`` file, a wandb offline run folder inside an out_dir
+(``out_dir/wandb/offline-run-*``: the out_dir's log.jsonl is read), or ``wandb:entity/project/run_id``
+for a run synced to a wandb server (read with wandb's public API, ``wandb.Api``). Curves are
+plotted against training tokens; where a resumed or rolled-back run logged an iteration twice,
+the later record wins. Labels are the run folder names with the encoding read from the
+checkpoint (``--labels`` overrides them).
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
-import struct
 import sys
 from dataclasses import dataclass, field
 
@@ -40,19 +37,18 @@ def _first(record: dict, keys):
 
 
 def curves_from_records(label: str, records) -> Curves:
-    """Train/val (tokens, loss) points; x falls back to the step when no token count is logged."""
-    c = Curves(label)
+    """Train/val (tokens, loss) points; x falls back to the step when no token count is logged.
+    A point logged again at the same x (after a resume or a rollback) replaces the earlier one."""
+    train, val = {}, {}
     for r in records:
         x = r["tokens"] if isinstance(r.get("tokens"), (int, float)) else _first(r, STEP_KEYS)
         if x is None:
             continue
-        for keys, points in ((TRAIN_KEYS, c.train), (VAL_KEYS, c.val)):
+        for keys, points in ((TRAIN_KEYS, train), (VAL_KEYS, val)):
             y = _first(r, keys)
             if y is not None and math.isfinite(y):
-                points.append((float(x), float(y)))
-    c.train.sort()
-    c.val.sort()
-    return c
+                points[float(x)] = float(y)
+    return Curves(label, sorted(train.items()), sorted(val.items()))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -74,53 +70,26 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
-# wandb's transaction log: a 7-byte file header, then 32 KiB blocks of records, each with a
-# 7-byte header (crc32, length, type); a record split across blocks is FIRST/MIDDLE.../LAST.
-_WANDB_HEADER, _BLOCK, _FULL, _FIRST, _MIDDLE, _LAST = 7, 32768, 1, 2, 3, 4
+WANDB_PREFIX = "wandb:"
 
 
-def _wandb_records(path: str):
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a wandb transaction log")
-    pos, parts = _WANDB_HEADER, b""
-    while pos + 7 <= len(data):
-        if _BLOCK - pos % _BLOCK < 7:          # block trailer too short for a header: padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            parts = chunk
-        elif kind == _MIDDLE:
-            parts += chunk
-        elif kind == _LAST:
-            yield parts + chunk
-        elif kind == 0 and length == 0:        # zero padding up to the next block
-            pos += (_BLOCK - pos % _BLOCK) % _BLOCK
+def read_wandb_run(path: str) -> tuple[str, list[dict]]:
+    """Name and logged rows of a run on a wandb server (``entity/project/run_id``), through
+    wandb's public API (needs network access and a login)."""
+    import wandb
+    run = wandb.Api().run(path)
+    return run.name, list(run.scan_history())
 
 
-def read_wandb_history(run_dir: str) -> list[dict]:
-    """The logged rows of a wandb offline run folder (``offline-run-*``)."""
-    legacy = os.path.join(run_dir, "files", "wandb-history.jsonl")
-    if os.path.exists(legacy):
-        return read_jsonl(legacy)
-    logs = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    if not logs:
-        raise FileNotFoundError(f"no run-*.wandb or files/wandb-history.jsonl in {run_dir}")
-    from wandb.proto import wandb_internal_pb2
-
-    rows = []
-    for blob in _wandb_records(logs[0]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(blob)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+def offline_run_log(run_dir: str) -> str:
+    """The log.jsonl of the training run that wrote a wandb offline run folder."""
+    out_dir = os.path.dirname(os.path.dirname(os.path.normpath(run_dir)))   # out_dir/wandb/offline-run-*
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no log.jsonl in the out_dir around it ({out_dir}); wandb's offline "
+                                "files have no public reader: `wandb sync` the run, then pass "
+                                "wandb:entity/project/run_id")
+    return path
 
 
 def run_label(path: str) -> str:
@@ -142,18 +111,18 @@ def run_label(path: str) -> str:
 
 
 def load_run(path: str, label: str | None = None) -> Curves:
-    """A run from an out_dir, a log.jsonl file or a wandb offline run folder."""
-    if os.path.isfile(path):
+    """A run from an out_dir, a log.jsonl file, a wandb offline run folder or wandb:entity/project/run_id."""
+    if path.startswith(WANDB_PREFIX):
+        name, records = read_wandb_run(path[len(WANDB_PREFIX):])
+        label = label or name
+    elif os.path.isfile(path):
         records = read_jsonl(path)
     elif os.path.exists(os.path.join(path, "log.jsonl")):
         records = read_jsonl(os.path.join(path, "log.jsonl"))
-    elif glob.glob(os.path.join(path, "run-*.wandb")) or os.path.exists(os.path.join(path, "files")):
-        records = read_wandb_history(path)
+    elif os.path.basename(os.path.normpath(path)).startswith("offline-run-"):
+        records = read_jsonl(offline_run_log(path))
     else:
-        runs = sorted(glob.glob(os.path.join(path, "wandb", "offline-run-*")))
-        if not runs:
-            raise FileNotFoundError(f"{path}: no log.jsonl and no wandb/offline-run-* (is it a training out_dir?)")
-        records = read_wandb_history(runs[-1])
+        raise FileNotFoundError(f"{path}: no log.jsonl (is it a training out_dir?)")
     curves = curves_from_records(label or run_label(path), records)
     if not curves.train and not curves.val:
         raise ValueError(f"{path}: no train or val loss found in its log")
@@ -205,7 +174,8 @@ def plot(runs: list[Curves], out: str, smoothing: float = 0.0, title: str = "") 
 
 def main(argv=None) -> list[Curves]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="out_dirs, log.jsonl files or wandb offline-run folders")
+    p.add_argument("runs", nargs="+", help="out_dirs, log.jsonl files, wandb offline-run folders or "
+                   "wandb:entity/project/run_id")
     p.add_argument("--out", default="curves.png")
     p.add_argument("--labels", default=None, help="comma-separated legend names, one per run")
     p.add_argument("--smooth", type=float, default=0.0, help="EMA weight for the training loss, in [0, 1)")

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from checkpoint import CheckpointError
 from model import GPT
 from tokenizer import EOT, gpt2_encoding
 
@@ -97,4 +98,7 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, FileNotFoundError) as e:    # the message names the path
+        sys.exit(f"error: {e}")

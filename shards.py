@@ -1,8 +1,10 @@
 """Token shards on disk: a 256 x int32 header, then uint16 GPT-2 token ids.
 
-Header: [MAGIC, VERSION, n_tokens, 0, ...]. Readers check the magic, the version and that
-the file size matches n_tokens, so a truncated or foreign file fails with a clear error
-instead of silently training on garbage.
+Header: [MAGIC, VERSION, n_tokens, id_bound, 0, ...]. Readers check the magic, the version and
+that the file size matches n_tokens, so a truncated or foreign file fails with a clear error
+instead of silently training on garbage. ``id_bound`` is 1 + the largest token id in the shard
+(0 in shards written before it was recorded: those are scanned), so a shard made with a larger
+vocabulary than the model's is refused when it is opened, without reading it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def write_shard(path: str, tokens) -> None:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
         raise ValueError("token ids must fit in uint16")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (MAGIC, VERSION, tokens.size)
+    header[:4] = (MAGIC, VERSION, tokens.size, int(tokens.max()) + 1 if tokens.size else 0)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -55,6 +57,24 @@ def read_shard(path: str) -> np.ndarray:
         raise ShardError(f"token shard {path} is corrupt: header says {n_tokens} tokens "
                          f"({expected} bytes) but the file has {size} bytes")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def largest_token_id(path: str, tokens: np.ndarray) -> int:
+    """The largest id in a shard opened with ``read_shard``: from its header when recorded,
+    else one pass over the memory-mapped tokens (-1 for an empty shard)."""
+    bound = int(np.fromfile(path, dtype=np.int32, count=4)[3])
+    if bound > 0:
+        return bound - 1
+    return int(tokens.max()) if len(tokens) else -1
+
+
+def check_token_ids(path: str, tokens: np.ndarray, vocab_size: int) -> None:
+    """ShardError naming the file and the id if the shard holds an id >= vocab_size."""
+    largest = largest_token_id(path, tokens)
+    if largest >= vocab_size:
+        raise ShardError(f"token shard {path} holds token id {largest}, but vocab_size is {vocab_size}: it was "
+                         "tokenised with a larger vocabulary than the model's; re-prepare the data or raise "
+                         "vocab_size")
 
 
 def list_shards(data_dir: str, split: str) -> list[str]:

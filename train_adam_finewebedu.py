@@ -8,6 +8,10 @@ DDP on all GPUs of a node:
 Resume exactly where a run stopped (crash, SIGKILL, SIGTERM pre-emption):
     python train_adam_finewebedu.py config/... --init_from=resume
 
+One run at a time per out_dir (run_dir.py: a lock; starting over in a used out_dir needs
+--overwrite_out_dir=True). A non-finite loss or gradient stops the run before anything
+non-finite is saved, or rolls back with --on_divergence=rollback (divergence.py).
+
 Defaults below (the paper's medium RoPE run), overridden by config files and then by
 ``--key=value`` (configurator.py; an unknown key or a wrongly typed value stops the run).
 ``gradient_accumulation_steps`` and ``batch_size`` are per rank: the global batch is
@@ -24,17 +28,20 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from attention import backend_choices
 from backend_check import BackendMismatch, check_backends
-from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, CheckpointError, checkpoint_path, clean_state_dict, load_checkpoint, save_checkpoint
 from configurator import ConfigError, configure, model_fields, types_of
+from divergence import NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss, nonfinite_parameters
 from model import GPT, GPTConfig
+from run_dir import OutDirError, claim_on_rank0
 from shards import ShardError
 
 # -----------------------------------------------------------------------------------------
@@ -45,6 +52,7 @@ TRAIN_DEFAULTS = dict(
     out_dir="out",
     init_from="scratch",          # 'scratch' or 'resume' (from resume_dir, default out_dir)
     resume_dir="",
+    overwrite_out_dir=False,      # start from scratch in an out_dir that holds a run (else refused)
     eval_interval=1000,           # evaluate and checkpoint every this many iterations
     log_interval=10,
     eval_iters=200,               # validation batches per evaluation
@@ -64,22 +72,27 @@ TRAIN_DEFAULTS = dict(
     gradient_accumulation_steps=3,
     data_rng_mode="stateless",    # 'stateless': batch = f(data_seed, rank, step, micro); 'stateful': RNG stream, checkpointed
     seed=1337,                    # model init
-    data_seed=1337,
-    eval_seed=1337,
+    data_seed=-1,                 # -1: the value of seed (as in the original)
+    eval_seed=-1,
     # model
     model_type="",                # the original repository's names, e.g. 'llama-mha-grape-ap-v1'
-    # optimizer (AdamW; weight decay on matrices only)
+    # optimizer (AdamW)
     learning_rate=1e-3,
     max_iters=25000,
     weight_decay=0.01,
+    weight_decay_on="all_but_norms",   # the original's groups; 'matrices': >= 2-dim parameters only (GPT.optimizer_groups)
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,                # 0 disables clipping
     decay_lr=True,                # cosine decay after linear warm-up; False: constant learning_rate
     warmup_iters=2000,
-    lr_decay_iters=25000,
+    lr_decay_iters=25000,         # default: max_iters
     min_lr=3e-5,
     schedule="cosine",
+    # divergence (non-finite loss or gradient norm); see divergence.py
+    on_divergence="stop",         # 'stop': exit 1, checkpoints untouched; 'rollback': last checkpoint, skip, lower lr
+    rollback_lr_factor=0.5,       # learning rate multiplier at each rollback
+    max_rollbacks=3,              # then stop
     # system
     device="auto",                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype="bfloat16",             # autocast dtype on GPU: 'bfloat16', 'float16' (GradScaler) or 'float32'; CPU trains in float32
@@ -89,8 +102,12 @@ TRAIN_DEFAULTS = dict(
     bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware
     check_backends=True,          # on CUDA, compare the fast attention backends with the dense reference first
     gpu_peak_flops=0.0,           # for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
+    # sizing (sizing.py)
+    dry_run=False,                # print parameters, tokens/FLOPs per step, peak memory per GPU; then stop
+    gpu="",                       # dry run for a named GPU, e.g. 'h100' or '8xh100'; '' = the detected one
 )
-MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096)
+# the original training script's model defaults (its p_head_dim None means head_dim)
+MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096, p_head_dim=None)
 
 
 def defaults() -> tuple[dict, dict]:
@@ -118,11 +135,18 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
-def validate(cfg) -> None:
+def derive_defaults(cfg, explicit: set[str]) -> None:
+    """Defaults that follow other keys: lr_decay_iters is max_iters unless set."""
+    if "lr_decay_iters" not in explicit:
+        cfg.lr_decay_iters = cfg.max_iters
+
+
+def validate(cfg, explicit: set[str] = frozenset()) -> None:
     """Values that type-check but cannot run."""
     choices = dict(init_from=("scratch", "resume"), data_rng_mode=("stateless", "stateful"),
                    dtype=("bfloat16", "float16", "float32"), backend=("auto", "nccl", "gloo"),
-                   schedule=("cosine",))
+                   schedule=("cosine",), weight_decay_on=GPT.WEIGHT_DECAY_POLICIES,
+                   on_divergence=("stop", "rollback"), attn_backend=backend_choices())
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
@@ -130,11 +154,27 @@ def validate(cfg) -> None:
                 "log_interval", "eval_iters"):
         if cfg[key] < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
-        raise ConfigError("config keys 'max_iters' and 'warmup_iters' must be >= 0")
-    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
-        raise ConfigError(f"config key 'lr_decay_iters' ({cfg.lr_decay_iters}) must exceed "
+    # what AdamW and the schedule would refuse later, or silently misuse
+    for key in ("max_iters", "warmup_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip", "max_rollbacks"):
+        if cfg[key] < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {cfg[key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
+    if not 0 < cfg.rollback_lr_factor <= 1:
+        raise ConfigError(f"config key 'rollback_lr_factor' must be in (0, 1], got {cfg.rollback_lr_factor}")
+    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters and not cfg.eval_only and cfg.max_iters > 0:
+        source = "" if "lr_decay_iters" in explicit else ", from max_iters"
+        raise ConfigError(f"config key 'lr_decay_iters' ({cfg.lr_decay_iters}{source}) must exceed "
                           f"'warmup_iters' ({cfg.warmup_iters})")
+
+
+def model_config_from(values: dict) -> GPTConfig:
+    """GPTConfig(**values); a setting the model cannot run with is a ConfigError."""
+    try:
+        return GPTConfig(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def get_lr(it: int, cfg) -> float:
@@ -175,6 +215,22 @@ def restore_rank_state(state: dict, train_batches) -> None:
     train_batches.load_state_dict(state["data"])
 
 
+def restore_training_state(ckpt: dict, raw_model: GPT, optimizer, scaler, train_batches, rank: int,
+                           world: int) -> tuple[int, float]:
+    """Weights, optimizer, scaler and this rank's RNG and data state from a checkpoint;
+    returns its iteration and best validation loss. Used to resume and to roll back."""
+    raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt.get("rank_states") or []
+    if len(states) == world:
+        restore_rank_state(states[rank], train_batches)
+    elif train_batches.mode == "stateful":
+        raise ValueError(f"checkpoint was written by {len(states)} rank(s), this run has {world}; "
+                         "data_rng_mode='stateful' resumes only with the same WORLD_SIZE")
+    return ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+
+
 class JsonlLog:
     """out_dir/log.jsonl, one JSON object per line, appended (a resume keeps the history)."""
 
@@ -187,10 +243,22 @@ class JsonlLog:
 
 
 def main(argv=None) -> dict:
+    """Train; returns iter_num, val_loss, best_val_loss, out_dir and the model."""
+    with ExitStack() as on_exit:          # releases the out_dir lock however the run ends
+        return train(argv, on_exit)
+
+
+def train(argv, on_exit: ExitStack) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     values, accepted = defaults()
     cfg, explicit = configure(argv, values, accepted)
-    validate(cfg)
+    derive_defaults(cfg, explicit)
+    validate(cfg, explicit)
+    if cfg.dry_run:                     # size the run and stop: no device, data or out_dir is touched
+        from sizing import dry_run
+        text, estimate, _ = dry_run(cfg)
+        print(text)
+        return {"dry_run": estimate}
     from dataloader import TokenBatches   # imported late: the data module is optional for --help-like uses
 
     # -- processes and devices ------------------------------------------------------------
@@ -238,9 +306,8 @@ def main(argv=None) -> dict:
     resuming = cfg.init_from == "resume"
     ckpt = load_checkpoint(resume_from, map_location="cpu") if resuming else None
     if ckpt is not None:
-        model_config = GPTConfig(**ckpt["model_config"])
-        if "attn_backend" in explicit:            # a kernel choice, not a parameter: may change
-            model_config.attn_backend = cfg.attn_backend
+        kernel = {"attn_backend": cfg.attn_backend} if "attn_backend" in explicit else {}
+        model_config = model_config_from({**ckpt["model_config"], **kernel})   # a kernel choice may change
         differing = [f"{k}={cfg[k]!r} (checkpoint: {getattr(model_config, k)!r})" for k in model_fields()
                      if k in explicit and k != "attn_backend" and getattr(model_config, k) != cfg[k]]
         if differing:
@@ -251,21 +318,39 @@ def main(argv=None) -> dict:
         for k in model_fields():
             cfg[k] = getattr(model_config, k)
     else:
-        model_config = GPTConfig(**{k: cfg[k] for k in model_fields()})
+        model_config = model_config_from({k: cfg[k] for k in model_fields()})
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(model_config).to(device)
+    try:
+        raw_model = GPT(model_config).to(device)
+    except ValueError as e:                       # an encoding refusing these settings
+        raise ConfigError(str(e)) from None
     if ckpt is not None:
-        raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
-    optimizer = torch.optim.AdamW(raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
+        # the groups must be the ones the checkpoint's optimizer state was saved with; checkpoints
+        # from before this key existed used 'matrices'
+        saved = ckpt.get("config", {}).get("weight_decay_on", "matrices")
+        if "weight_decay_on" in explicit and cfg.weight_decay_on != saved:
+            raise ConfigError(f"cannot resume from {resume_from} with weight_decay_on={cfg.weight_decay_on!r}: "
+                              f"it was trained with {saved!r}")
+        cfg.weight_decay_on = saved
+    groups = raw_model.optimizer_groups(cfg.weight_decay, cfg.weight_decay_on)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                   fused=device_type in ("cuda", "cpu"))   # one kernel: much faster than foreach
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     iter_num, best_val_loss, wandb_id = 0, float("inf"), None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
-        wandb_id = ckpt.get("wandb_id")
+
+    # -- out_dir: one run at a time; config errors above, nothing written there before ------
+    resumes_out_dir = resuming and os.path.realpath(os.path.dirname(checkpoint_path(resume_from))) \
+        == os.path.realpath(cfg.out_dir)
+    fresh = not cfg.eval_only and not resumes_out_dir       # would replace what out_dir holds
+    try:
+        lock = claim_on_rank0(cfg.out_dir, fresh, cfg.overwrite_out_dir, master, ddp)
+    except BaseException:
+        if ddp:
+            dist.destroy_process_group()     # every rank gets here: rank 0's verdict is broadcast
+        raise
+    if lock is not None:
+        on_exit.callback(lock.release)
     if cfg.check_backends and device_type == "cuda":       # before the first step (backend_check.py)
         check_backends(raw_model, ptdtype, log=print if master else lambda *_: None)
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -282,18 +367,19 @@ def main(argv=None) -> dict:
     stateless = cfg.data_rng_mode == "stateless"
     train_batches = TokenBatches(data_dir, "train", B, T, rank=0 if stateless else rank,
                                  world_size=1 if stateless else world, seed=cfg.data_seed,
-                                 mode=cfg.data_rng_mode)
-    val_batches = TokenBatches(data_dir, "val", B, T, seed=cfg.eval_seed, mode="stateless")
+                                 mode=cfg.data_rng_mode, vocab_size=model_config.vocab_size)
+    val_batches = TokenBatches(data_dir, "val", B, T, seed=cfg.eval_seed, mode="stateless",
+                               vocab_size=model_config.vocab_size)
     first_micro = rank * accum if stateless else 0
+    recovery = Recovery()                        # what divergence rollbacks changed (divergence.py)
+    last_good, last_good_iter = None, None       # the checkpoint a rollback returns to
     if ckpt is not None:
-        states = ckpt.get("rank_states") or []
-        if len(states) != world:
-            if cfg.data_rng_mode == "stateful":
-                raise ValueError(f"checkpoint was written by {len(states)} rank(s), this run has {world}; "
-                                 "data_rng_mode='stateful' resumes only with the same WORLD_SIZE")
-        else:
-            restore_rank_state(states[rank], train_batches)
-        del ckpt, states                         # a CPU copy of model + optimizer: free it
+        iter_num, best_val_loss = restore_training_state(ckpt, raw_model, optimizer, scaler, train_batches,
+                                                         rank, world)
+        wandb_id = ckpt.get("wandb_id")
+        recovery = Recovery.from_state(ckpt.get("recovery"))
+        last_good, last_good_iter = checkpoint_path(resume_from), iter_num
+        del ckpt                                 # a CPU copy of model + optimizer: free it
     tokens_per_iter = B * T * accum * world
 
     def to_device(x, y):
@@ -319,7 +405,14 @@ def main(argv=None) -> dict:
         eval_model.train()
         return all_mean(total / cfg.eval_iters).item()
 
-    def save(iter_num: int) -> None:
+    def save(iter_num: int, best: bool = False) -> None:
+        """ckpt.pt (and best.pt when ``best``); never weights that are not finite."""
+        nonlocal last_good, last_good_iter
+        bad = nonfinite_parameters(raw_model)      # the same on every rank: DDP keeps them equal
+        if bad:
+            raise TrainingDiverged(f"training diverged by iter {iter_num}: the weights {', '.join(bad[:4])} are "
+                                   f"not finite; nothing was saved ({stop_advice()})")
+        last_good, last_good_iter = os.path.join(cfg.out_dir, CKPT_NAME), iter_num
         states = [rank_state(train_batches)]
         if ddp:
             states = [None] * world
@@ -338,9 +431,53 @@ def main(argv=None) -> dict:
             "world_size": world,
             "rank_states": states,
             "wandb_id": wandb_id,
+            "recovery": recovery.state_dict(),
         }
-        save_checkpoint(cfg.out_dir, state, raw_model)
-        say(f"saved checkpoint at iter {iter_num} to {cfg.out_dir}")
+        save_checkpoint(cfg.out_dir, state, raw_model, best=best)
+        say(f"saved checkpoint at iter {iter_num} to {cfg.out_dir}" + (" (best so far)" if best else ""))
+
+    # -- divergence: stop, or roll back to the last checkpoint (divergence.py) --------------
+    watch = NonFiniteWatch(device)
+
+    def stop_advice() -> str:
+        kept = (f"the last checkpoint, {last_good} (iter {last_good_iter}), is untouched" if last_good
+                else "no checkpoint had been written")
+        return (f"{kept}. Lower learning_rate (or raise warmup_iters), or pass --on_divergence=rollback to "
+                "go back to the last checkpoint, skip the batches since, and lower the learning rate")
+
+    def diverged(event) -> bool:
+        """False for no event; else raise TrainingDiverged, or roll back and return True (the
+        loop then starts over from the checkpoint). Every rank calls this at the same points."""
+        nonlocal iter_num, best_val_loss, start_iter, interval_loss, interval_steps, t0
+        if event is None:
+            return False
+        say(str(event))
+        if master:
+            log.write(iter=event.iter, diverged=event.what)
+        if cfg.on_divergence != "rollback":
+            raise TrainingDiverged(f"{event}. Nothing non-finite was saved; {stop_advice()}")
+        if last_good is None or recovery.rollbacks >= cfg.max_rollbacks:
+            why = ("no checkpoint to roll back to" if last_good is None
+                   else f"{recovery.rollbacks} rollback(s) already (max_rollbacks={cfg.max_rollbacks})")
+            raise TrainingDiverged(f"{event}; {why}. Nothing non-finite was saved; {stop_advice()}")
+        ckpt = load_checkpoint(last_good, map_location="cpu")
+        iter_num, best_val_loss = restore_training_state(ckpt, raw_model, optimizer, scaler, train_batches,
+                                                         rank, world)
+        del ckpt
+        skipped = recovery.roll_back(event.iter, iter_num, cfg.rollback_lr_factor)
+        if not stateless:
+            train_batches.skip(skipped * accum)  # the stream past the skipped iterations' batches
+        watch.reset()
+        start_iter, interval_loss, interval_steps, t0 = iter_num, torch.zeros((), device=device), 0, time.time()
+        if bar is not None:
+            bar.n = iter_num
+            bar.refresh()
+        say(f"rolled back to {last_good} (iter {iter_num}); skipping the batches of iters {iter_num + 1}.."
+            f"{event.iter}; learning rate x{recovery.lr_scale:g} from now on (rollback {recovery.rollbacks} "
+            f"of at most {cfg.max_rollbacks})")
+        if master:
+            log.write(iter=iter_num, rollback_from=event.iter, skipped_iters=skipped, lr_scale=recovery.lr_scale)
+        return True
 
     # -- logging ----------------------------------------------------------------------------
     show = master and cfg.progress and sys.stderr.isatty()
@@ -354,10 +491,7 @@ def main(argv=None) -> dict:
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"))
-        if not resuming and not cfg.eval_only:
-            if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-                print(f"note: training from scratch in {cfg.out_dir}; its checkpoint will be replaced "
-                      "(use --init_from=resume to continue it)")
+        if fresh:
             open(log.path, "w").close()        # a new run starts a new log; a resume appends
         n_params = raw_model.num_parameters_unique()
         print(f"model: {model_config.pos_encoding}, {model_config.n_layer} layers, n_embd {model_config.n_embd}, "
@@ -393,7 +527,11 @@ def main(argv=None) -> dict:
     try:
         while True:
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
+                if diverged(watch.poll()):            # raises, or rolls back to the last checkpoint
+                    continue
                 val_loss = estimate_val_loss()
+                if diverged(check_validation_loss(iter_num, val_loss)):
+                    continue
                 say(f"iter {iter_num}: val loss {val_loss:.4f}")
                 if master:
                     log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, val_loss=val_loss)
@@ -402,28 +540,34 @@ def main(argv=None) -> dict:
                 improved = val_loss < best_val_loss
                 best_val_loss = min(best_val_loss, val_loss)
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
-                    save(iter_num)
+                    save(iter_num, best=improved)
                 t0 = time.time()                      # tokens/s measures training only
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 break
 
-            lr = get_lr(iter_num, cfg)
+            lr = get_lr(iter_num, cfg) * recovery.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
+            data_step = iter_num + recovery.skipped_steps
             for micro in range(accum):
-                x, y = to_device(*train_batches.get(iter_num, first_micro + micro))
+                x, y = to_device(*train_batches.get(data_step, first_micro + micro))
                 # all-reduce gradients only on the last micro-step
                 sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
                 with sync:
                     with autocast:
-                        _, loss = model(x, y)
+                        loss = model(x, y)[1]   # drop the float32 logits now, not after the backward
                     loss = loss / accum
                     scaler.scale(loss).backward()
                 step_loss += loss.detach()
+            grad_norm = None
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            elif not scaler.is_enabled():
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+            # float16: an infinite gradient is routine, GradScaler skips that step
+            watch.observe(iter_num + 1, step_loss, None if scaler.is_enabled() else grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -434,6 +578,8 @@ def main(argv=None) -> dict:
                 bar.update(1)
 
             if iter_num % cfg.log_interval == 0 or iter_num >= cfg.max_iters:
+                if diverged(watch.poll()):
+                    continue
                 train_loss = all_mean(interval_loss / interval_steps).item()
                 dt = time.time() - t0
                 tok_s = tokens_per_iter * interval_steps / dt
@@ -450,6 +596,8 @@ def main(argv=None) -> dict:
                 t0 = time.time()
 
             if stop_requested():
+                if diverged(watch.poll()):
+                    continue
                 say(f"SIGTERM received: saving a checkpoint at iter {iter_num} and exiting")
                 save(iter_num)
                 break
@@ -479,12 +627,25 @@ def tqdm_range(n: int, enabled: bool, desc: str):
     return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True)
 
 
-if __name__ == "__main__":
+# expected failures -> the one-line message they exit with (no traceback)
+EXIT_MESSAGES = {ConfigError: "config error: ", ShardError: "data error: ", CheckpointError: "checkpoint error: ",
+                 OutDirError: "out_dir error: ", TrainingDiverged: "",
+                 BackendMismatch: "attention backend error: "}      # a fast kernel is wrong on this GPU
+# Raised alike on every rank. Rank 0 alone reports them and fails the job; the other ranks leave
+# quietly with status 0, since a failed rank makes torchrun kill the others (rank 0 too, maybe
+# before it has printed why).
+SAME_ON_EVERY_RANK = (ConfigError, OutDirError, TrainingDiverged)
+
+
+def cli(argv=None) -> None:
     try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    except BackendMismatch as e:            # a fast attention kernel is wrong on this GPU
-        sys.exit(f"attention backend error: {e}")
-    except ShardError as e:                 # missing or corrupt data: the message says which file
-        sys.exit(f"data error: {e}")
+        main(argv)
+    except tuple(EXIT_MESSAGES) as e:
+        if isinstance(e, SAME_ON_EVERY_RANK) and int(os.environ.get("RANK", 0)) != 0:
+            sys.exit(0)
+        prefix = next(p for kind, p in EXIT_MESSAGES.items() if isinstance(e, kind))
+        sys.exit(f"{prefix}{e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,6 +7,6 @@ out_dir = 'out/llama_mha_grape_ap_v1_pdim8_kvshift_large'
 use_k_shift = True
 use_v_shift = True
 
-# GRAPE-AP (path-integral additive)
-p_tie_mode = 'none'            # untied probe projection
-p_head_dim = 8                 # probe width per head
+# GRAPE-AP, as in the original's config
+p_tie_mode = 'none'                # untied probe projection
+p_head_dim = 8                     # probe width per head

@@ -6,6 +6,3 @@ model_type = 'llama-mha-rope'
 out_dir = 'out/llama_mha_rope_kvshift_medium'
 use_k_shift = True
 use_v_shift = True
-
-# RoPE
-rope_base = 10000.0

@@ -4,6 +4,3 @@ import os
 exec(open(os.path.join(os.path.dirname(__file__), 'train_paper_large.py')).read())
 model_type = 'llama-mha-rope'
 out_dir = 'out/llama_mha_rope_large'
-
-# RoPE
-rope_base = 10000.0

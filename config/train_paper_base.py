@@ -1,6 +1,8 @@
-# Settings shared by every run of the paper's Tables 1-2 (config/train_llama_mha_*_adam_80g8.py
-# exec train_paper_medium.py or train_paper_large.py, which exec this file). Key names follow
-# the original repository's configs. Global batch 480 sequences x 4096 tokens on 8 GPUs.
+# Settings shared by the 30 runs of the original repository, among them the paper's Tables 1-2
+# (config/train_llama_mha_*_adam_80g8.py exec train_paper_medium.py or train_paper_large.py,
+# which exec this file). Key names and values follow the original's configs, except logging and
+# paths (wandb_log, wandb_project, dataset, out_dir; tests/test_config.py lists why). Global
+# batch 480 sequences x 4096 tokens on 8 GPUs.
 
 # Wandb configs
 wandb_log = False                  # True to log to wandb (wandb_mode = 'offline' needs no network)
@@ -21,14 +23,12 @@ use_v_shift = False
 
 # Training configs
 dataset = 'fineweb-edu/fineweb-edu100B'   # data/fineweb-edu/fineweb-edu100B/{train,val}_*.bin, from data/fineweb-edu/prepare.py
-seed = 42
-data_seed = 42
-eval_seed = 42
+seed = 42                          # data_seed and eval_seed follow it (-1 by default)
 block_size = 4096
 max_iters = 25000                  # 25000 x 480 x 4096 tokens ~ 49B tokens
 lr_decay_iters = 25000
 eval_interval = 1000
-eval_iters = 200
+eval_iters = 2000                  # validation batches per evaluation, as the original's configs
 log_interval = 10
 
 # Optimizer configs

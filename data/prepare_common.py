@@ -310,7 +310,7 @@ def prepare(documents, out_dir: str, *, source: str, shard_size: int = 100_000_0
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=max_tokens, initial=state_train0 + state_val0, unit="tok", unit_scale=True,
-                   desc=f"tokenizing {source}")
+                   desc=f"tokenizing {source}", disable=None)   # None: no bar when stderr is not a terminal
     doc = skip_docs
     for doc, (toks, to_val) in enumerate(tokenize_stream(documents, num_proc, val_fraction), start=skip_docs):
         pos = skip_toks if doc == skip_docs else 0

@@ -137,6 +137,10 @@ class GrapeLM(TemplateLM):
         return logits.float()
 
     # -- loglikelihood ------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # lm_eval's own "Tokenizing inputs" bar as well: none when stderr is not a terminal
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty())
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: ((context, continuation) or None, context_enc, continuation_enc)."""
 
@@ -148,7 +152,8 @@ class GrapeLM(TemplateLM):
         ordered = Collator(requests, sort_fn=longest_first, group_by="contexts",
                            group_fn=lambda req: req[-2] + req[-1][:-1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="grape loglikelihood")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or None,  # None: off unless a terminal
+                   desc="grape loglikelihood")
         for chunk in ordered.get_batched(n=self.batch_size_per_gpu):
             rows, lengths = [], []
             for _, ctx, cont in chunk:
@@ -203,7 +208,7 @@ class GrapeLM(TemplateLM):
                            sort_fn=lambda req: (-len(self.tok_encode(req[0])), req[0]),
                            group_by="gen_kwargs", group_fn=lambda req: req[1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="grape generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or None, desc="grape generate_until")
         eos = self.enc.decode([EOT])
         for chunk in ordered.get_batched(n=self.batch_size_per_gpu):
             contexts, all_kwargs = zip(*chunk)

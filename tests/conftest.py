@@ -24,6 +24,29 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# `cuda` marks tests that need a CUDA GPU: `pytest -m cuda` runs just those (bench_gpu.py's
+# first stage). A test is marked if it says so (@pytest.mark.cuda, skipped here without a GPU)
+# or if it carries a skipif whose reason names CUDA or a GPU.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); select with -m cuda")
+
+
+@pytest.hookimpl(tryfirst=True)         # before -m selects by marker
+def pytest_collection_modifyitems(config, items):
+    import re
+    try:
+        import torch
+        have_cuda = torch.cuda.is_available()
+    except ImportError:
+        have_cuda = False
+    for item in items:
+        if any(re.search(r"\b(cuda|gpus?)\b", str(m.kwargs.get("reason", "")), re.I)
+               for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+        if not have_cuda and item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def run_without_repository(tmp_path_factory):
     """``run(script, *args)`` runs Python code in a fresh process that cannot import this

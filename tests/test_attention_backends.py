@@ -1,34 +1,49 @@
 """Attention backends against the dense reference: values, gradients, decoding, choice.
 
 Every comparison is with ``dense_attention``, which builds the full (B, H, Tq, Tk) bias
-from the bias description's own ``dense()`` (an independent, O(T²) evaluation).
+from the bias description's own ``dense()`` (an independent, O(T²) evaluation). The list of
+additive encodings comes from ``grape.ENCODINGS``: a newly registered encoding is compared on
+every backend at T >= 256 without touching this file. A toy encoding, registered only for
+its tests, checks that a bias of a new kind runs everywhere through the generic contract.
 """
 import math
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention
 import attention_chunked
 from attention import attend, choose_backend, dense_attention, dense_logits
 from attention_chunked import chunked_attention
-from grape import ENCODINGS, LayerCache, PathIntegralBias, SeparableBias, positions
+from grape import ENCODINGS, GRID_ENCODINGS, Bias, Encoding, LayerCache, PathIntegralBias, SeparableBias, build_encoding
+from model import GPT, GPTConfig
 
-ADDITIVE = ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
+H, D, C = 3, 8, 24
+LONG = 260                  # >= 256, where the CPU runs the fast paths; a multiple of no block size
 
 
-def enc_config(**kw):
-    base = dict(n_head=3, head_dim=8, n_embd=24, rope_base=10000.0, p_head_dim=4, p_tie_mode="none",
-                grape_log_freq_scale=16.0, grape_m_per_head=False, grape_ctx_per_head=False)
-    return SimpleNamespace(**{**base, **kw})
+def encoding_config(name, **kw):
+    on_grid = any(part in GRID_ENCODINGS for part in name.split("+"))
+    base = dict(n_layer=1, n_head=H, n_embd=C, vocab_size=64, block_size=1024, pos_encoding=name,
+                grid=(32, 32) if on_grid else None)     # grid encodings: rows of 32 tokens
+    return GPTConfig(**{**base, **kw})      # kw may change the sizes (the CUDA tests' wider heads)
+
+
+def additive_encodings():
+    return sorted(n for n in ENCODINGS if build_encoding(encoding_config(n)).additive)
+
+
+ADDITIVE = additive_encodings()
+CPU_BACKENDS = ["chunked", "flex", "triton"]     # dense is the reference; auto picks chunked
 
 
 def make_encoding(name, seed=0, **config):
     """An encoding with random (not init-value) parameters, so every gate matters."""
     torch.manual_seed(seed)
-    enc = ENCODINGS[name](enc_config(**config))
+    enc = build_encoding(encoding_config(name, **config))
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(0.5 * torch.randn_like(p))
@@ -85,6 +100,62 @@ def test_chunked_matches_dense_values_and_gradients(name):
     assert needed <= grads.keys(), f"no gradient for leaves {needed - grads.keys()}"
 
 
+def compare_with_dense(enc, backend, T=LONG):
+    """``backend`` against the dense reference on encoding ``enc`` at length T: the output,
+    and the gradients of the input, q, k, v and every parameter of the encoding."""
+    x, q, k, v = inputs(B=1, H=H, T=T, D=D, C=C)
+    ref_out, ref_grads = values_and_grads("dense", enc, x, q, k, v)
+    with torch.no_grad():
+        has_score_mod = enc(x, q, k, v)[2].score_mod(1, H) is not None
+    if backend == "flex" and has_score_mod and not torch.cuda.is_available():
+        # torch has no FlexAttention backward on CPU: the compiled forward is all that runs here
+        with torch.no_grad():
+            x, q, k, v = (t.detach() for t in (x, q, k, v))
+            qe, ke, bias = enc(x, q, k, v)
+            out = attend(qe, ke, v, bias, "flex")
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+        return
+    out, grads = values_and_grads(backend, enc, x, q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert_close_grads(ref_grads, grads)
+    assert set(range(1, 4 + len(list(enc.parameters())))) <= grads.keys()   # q, k, v, parameters
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_every_additive_encoding_matches_dense_on_every_cpu_backend_at_long_length(name, backend):
+    compare_with_dense(make_encoding(name), backend)
+
+
+def float64_reference(q, k, v, bias, rows=512):
+    """softmax(q·k/√d + b) v in float64, a few query rows at a time."""
+    full, T = bias.dense().double(), q.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s in range(0, T, rows):
+        logits = q[:, :, s:s + rows].double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        logits = logits + full[..., s:s + rows, :]
+        hidden = torch.arange(T)[None, :] > torch.arange(s, min(T, s + rows))[:, None]
+        out[:, :, s:s + rows] = torch.softmax(logits.masked_fill(hidden, float("-inf")), -1) @ v.double()
+    return out
+
+
+# Largest output error of the fast paths at T = 2048 against float64 (dense float32: ~1e-6).
+# With one reference at the middle key for every column (before the key blocks) the separable
+# path gave 9e-6 (ALiBi), 1.8e-4 (FoX), 1.1e-5 (GRAPE-A-q), 2.1e-5 (GRAPE-A-qk) here, and
+# GRAPE-AP 1.1e-5 while the ψ of later keys entered its cumsum.
+FAST_PATH_ERROR = {"alibi": 7e-6, "fox": 8e-5, "grape_a_q": 6e-6, "grape_a_qk": 1.5e-5, "grape_ap": 4e-6}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_PATH_ERROR))
+def test_fast_paths_stay_precise_at_long_length(name):
+    enc = make_encoding(name)
+    x, q, k, v = (t.detach() for t in inputs(B=1, H=H, T=2048, D=D, C=C))
+    with torch.no_grad():
+        qe, ke, bias = enc(x, q, k, v)
+        err = (chunked_attention(qe, ke, v, bias).double() - float64_reference(qe, ke, v, bias)).abs().max()
+    assert err < FAST_PATH_ERROR[name], f"{name}: {err:.2e}"
+
+
 @pytest.mark.parametrize("name", ADDITIVE)
 @pytest.mark.parametrize("split", [74, 60])          # Tq = 1 (one-token decoding) and Tq = 15
 def test_chunked_decoding_with_cache_matches_dense(name, split):
@@ -110,20 +181,24 @@ def dense_then_chunked(q, k, v, make_bias, leaves, block):
 
 
 def test_gradients_reach_every_bias_tensor():
-    """Bias dataclasses built by hand, every field a leaf (GRAPE-AP's slope included)."""
+    """Bias dataclasses built by hand, every field a leaf (GRAPE-AP's slope included); the
+    toy bias goes through the generic tiles."""
     torch.manual_seed(0)
     B, H, Tq, Tk, D = 2, 2, 40, 50, 8
     q = torch.randn(B, H, Tq, D, requires_grad=True)
     k, v = (torch.randn(B, H, Tk, D, requires_grad=True) for _ in range(2))
-    q_pos = positions(Tk - Tq + 3, Tq, "cpu")
+    offset = Tk - Tq + 3
     sq, sk = torch.rand(B, H, Tq, requires_grad=True), torch.rand(B, H, Tk, requires_grad=True)
     cum = (-torch.rand(B, H, Tk)).cumsum(-1).requires_grad_()
     p, r = torch.randn(B, H, Tq, 6, requires_grad=True), torch.randn(B, H, Tk, 6, requires_grad=True)
     slope = torch.rand(H, requires_grad=True)
+    amplitude, frequency = torch.rand(H, requires_grad=True), torch.rand(H, requires_grad=True)
     cases = [
-        (lambda: SeparableBias(q_pos, Tk, slope_q=sq, slope_k=sk, cum_q=cum[..., Tk - Tq:], cum_k=cum),
+        (lambda: SeparableBias(Tq, Tk, offset, slope_q=sq, slope_k=sk, cum_q=cum[..., Tk - Tq:], cum_k=cum),
          [q, k, v, sq, sk, cum]),
-        (lambda: PathIntegralBias(q_pos, p, r, slope), [q, k, v, p, r, slope]),
+        (lambda: PathIntegralBias(Tq, Tk, offset, p=p, r=r, slope=slope), [q, k, v, p, r, slope]),
+        (lambda: CosineBias(Tq, Tk, offset, amplitude=amplitude, frequency=frequency),
+         [q, k, v, amplitude, frequency]),
     ]
     for make_bias, leaves in cases:
         (ref, ref_g), (got, got_g) = dense_then_chunked(q, k, v, make_bias, leaves, block=16)
@@ -141,12 +216,11 @@ def test_chunked_matches_dense_when_far_weights_underflow():
     torch.manual_seed(3)
     B, H, T, D = 1, 2, 96, 8
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-    q_pos = positions(0, T, "cpu")
     p, r = torch.randn(B, H, T, 4, requires_grad=True), torch.randn(B, H, T, 4, requires_grad=True)
     slope = torch.full((H,), 5.0, requires_grad=True)      # ψ ≈ -5·log 2 per step back
     sq = torch.full((B, H, T), 4.0, requires_grad=True)
-    cases = [(lambda: PathIntegralBias(q_pos, p, r, slope), [q, k, v, p, r, slope]),
-             (lambda: SeparableBias(q_pos, T, slope_q=sq), [q, k, v, sq])]
+    cases = [(lambda: PathIntegralBias(T, T, 0, p=p, r=r, slope=slope), [q, k, v, p, r, slope]),
+             (lambda: SeparableBias(T, T, 0, slope_q=sq), [q, k, v, sq])]
     for make_bias, leaves in cases:
         bias = make_bias()
         last_row = dense_logits(q, k, bias)[0, 0, -1]
@@ -179,8 +253,8 @@ class MaxNumel(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name", ["grape_a_qk", "fox", "grape_ap"])
-def test_chunked_never_builds_the_full_attention_matrix(name):
+@pytest.mark.parametrize("name", [*ADDITIVE, "toy_cosine"])
+def test_chunked_never_builds_the_full_attention_matrix(name, toy):
     B, H, T, D = 1, 3, 512, 8
     enc = make_encoding(name)
     x, q, k, v = inputs(B, H, T, D, C=24)
@@ -195,9 +269,9 @@ def test_auto_never_picks_dense_for_long_sequences():
     H = 2
     for T in (1024, 4096):
         q = torch.zeros(1, H, T, 8)
-        biases = [SeparableBias(positions(0, T, "cpu"), T, slope_q=torch.ones(1, H, 1)),
-                  PathIntegralBias(positions(0, T, "cpu"), torch.zeros(1, H, T, 4), torch.zeros(1, H, T, 4),
-                                   torch.ones(H))]
+        biases = [SeparableBias(T, T, 0, slope_q=torch.ones(1, H, 1)),
+                  PathIntegralBias(T, T, 0, p=torch.zeros(1, H, T, 4), r=torch.zeros(1, H, T, 4),
+                                   slope=torch.ones(H))]
         for bias in biases:
             for device in ("cpu", "cuda", "mps"):
                 assert choose_backend(q, bias, device) not in ("dense",), (T, device, type(bias))
@@ -207,10 +281,10 @@ def test_auto_never_picks_dense_for_long_sequences():
         assert choose_backend(q, None, "cpu") == "sdpa"
         # decoding one token against T cached keys: the compiled kernels are for training shapes
         q1 = torch.zeros(1, H, 1, 8)
-        bias1 = SeparableBias(positions(T - 1, 1, "cpu"), T, slope_q=torch.ones(1, H, 1))
+        bias1 = SeparableBias(1, T, T - 1, slope_q=torch.ones(1, H, 1))
         assert choose_backend(q1, bias1, "cuda") == "chunked"
         assert choose_backend(q1, bias1, "cpu") == "chunked"
-    tiny = SeparableBias(positions(0, 16, "cpu"), 16, slope_q=torch.ones(1, H, 1))
+    tiny = SeparableBias(16, 16, 0, slope_q=torch.ones(1, H, 1))
     assert choose_backend(torch.zeros(1, H, 16, 8), tiny, "cpu") == "dense"
 
 
@@ -243,19 +317,29 @@ def test_backends_fall_back_for_what_they_do_not_serve():
 
 def test_unknown_backend_and_bias_fail_clearly():
     q = torch.zeros(1, 1, 4, 8)
-    bias = SeparableBias(positions(0, 4, "cpu"), 4, slope_q=torch.ones(1, 1, 1))
+    bias = SeparableBias(4, 4, 0, slope_q=torch.ones(1, 1, 1))
     with pytest.raises(ValueError, match="unknown attn_backend"):
         attend(q, q, q, bias, "fast")
-    with pytest.raises(TypeError, match="does not know the bias type"):
+    with pytest.raises(TypeError, match="evaluates a grape.Bias, got object"):
         chunked_attention(q, q, q, bias=object())
+    with pytest.raises(ValueError, match="covers 4 queries x 4 keys, attention has 3 x 4"):
+        chunked_attention(q[:, :, 1:], q, q, bias)
+    with pytest.raises(ValueError, match="n_queries <= n_keys"):
+        SeparableBias(5, 4, 0, slope_q=torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="no term"):
+        SeparableBias(4, 4, 0)
+    with pytest.raises(ValueError, match="probes"):
+        PathIntegralBias(4, 4, 0, p=torch.zeros(1, 1, 3, 2), r=torch.zeros(1, 1, 4, 2), slope=torch.ones(1))
+    with pytest.raises(NotImplementedError, match="must implement block"):
+        Bias(4, 4, 0).dense()
 
 
 @pytest.mark.parametrize("name", ADDITIVE)
 def test_gpt_chunked_matches_dense_logits_and_gradients(name, monkeypatch):
-    from model import GPT, GPTConfig
     monkeypatch.setattr(attention_chunked, "BLOCK_ELEMENTS", 1)   # smallest blocks: several per sequence
     torch.manual_seed(0)
-    settings = dict(vocab_size=64, block_size=96, n_layer=2, n_head=2, n_embd=32, pos_encoding=name)
+    settings = dict(vocab_size=64, block_size=96, n_layer=2, n_head=2, n_embd=32, pos_encoding=name,
+                    grid=encoding_config(name).grid and (8, 12))
     models = {b: GPT(GPTConfig(attn_backend=b, **settings)) for b in ("dense", "chunked")}
     models["chunked"].load_state_dict(models["dense"].state_dict())
     idx = torch.randint(0, 64, (2, 90))
@@ -272,25 +356,8 @@ def test_gpt_chunked_matches_dense_logits_and_gradients(name, monkeypatch):
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=n)
 
 
-def test_flex_forward_matches_dense_on_cpu():
-    """torch 2.13 runs the compiled flex_attention forward on CPU (no backward there)."""
-    import attention_flex
-    torch.manual_seed(0)
-    B, H, T, D = 1, 2, 128, 16
-    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
-    cum = (-torch.rand(B, H, T)).cumsum(-1)
-    bias = SeparableBias(positions(0, T, "cpu"), T, slope_q=torch.rand(B, H, T), slope_k=torch.rand(B, H, T),
-                         cum_q=cum, cum_k=cum)
-    try:
-        with torch.no_grad():
-            out = attention_flex.flex_attention(q, k, v, bias)
-    except Exception as e:     # no C++ compiler / inductor CPU backend unavailable
-        pytest.skip(f"compiled flex_attention does not run on this CPU: {type(e).__name__}: {e}")
-    torch.testing.assert_close(out, dense_attention(q, k, v, bias), atol=1e-5, rtol=1e-4)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention backward needs CUDA")
-@pytest.mark.parametrize("name", ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk"])
+@pytest.mark.parametrize("name", ADDITIVE)
 def test_flex_matches_dense_forward_and_backward_on_cuda(name):
     enc = make_encoding(name, head_dim=16, n_embd=48).cuda()
     x, q, k, v = (t.detach().cuda().requires_grad_() for t in inputs(B=2, H=3, T=256, D=16, C=48))
@@ -298,3 +365,127 @@ def test_flex_matches_dense_forward_and_backward_on_cuda(name):
     out, grads = values_and_grads("flex", enc, x, q, k, v)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-3)
     assert_close_grads(ref_grads, grads, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# A bias of a new kind, registered only for these tests: what README's recipe promises
+# ----------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class CosineBias(Bias):
+    """b_h(t, j) = a_h cos(w_h (t - j)): neither separable nor a path integral."""
+    amplitude: torch.Tensor       # (H,)
+    frequency: torch.Tensor       # (H,)
+
+    def block(self, qs, ks):
+        dist = (self.query_positions(qs)[:, None] - self.key_positions(ks)[None, :]).float()
+        return self.amplitude.view(-1, 1, 1) * torch.cos(self.frequency.view(-1, 1, 1) * dist)
+
+    def score_mod(self, batch, n_heads):
+        shift, a, w = self.n_keys - self.n_queries, self.amplitude, self.frequency
+
+        def add_cosine(score, b, h, q_idx, kv_idx):
+            return score + a[h] * torch.cos(w[h] * (q_idx + shift - kv_idx).to(torch.float32))
+
+        return add_cosine
+
+
+class CosineEncoding(Encoding):
+    additive = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.amplitude = nn.Parameter(torch.linspace(0.5, 2.0, self.n_head))
+        self.frequency = nn.Parameter(torch.linspace(0.05, 0.5, self.n_head))
+
+    def forward(self, x, q, k, v=None, offset=0, cache=None):
+        n_keys = q.shape[2] + (cache.length if cache is not None else 0)
+        return q, k, CosineBias(q.shape[2], n_keys, offset, amplitude=self.amplitude, frequency=self.frequency)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(ENCODINGS, "toy_cosine", CosineEncoding)
+    return "toy_cosine"
+
+
+def cosine_logits_by_hand(enc, q, k):
+    """q·k/√d + a_h cos(w_h (t - j)), masked: written out here, not through the bias classes."""
+    T = q.shape[2]
+    dist = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).float()
+    bias = enc.amplitude[:, None, None] * torch.cos(enc.frequency[:, None, None] * dist)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    return logits.masked_fill(dist < 0, float("-inf"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_new_kind_of_bias_matches_dense_on_every_cpu_backend(toy, backend):
+    assert toy in additive_encodings()         # the derived test lists pick it up
+    enc = make_encoding(toy)
+    x, q, k, v = inputs(B=1, H=H, T=LONG, D=D, C=C)
+    with torch.no_grad():
+        qe, ke, bias = enc(x, q, k, v)
+        torch.testing.assert_close(dense_logits(qe, ke, bias), cosine_logits_by_hand(enc, qe, ke),
+                                   atol=1e-5, rtol=1e-5)
+    compare_with_dense(enc, backend)
+
+
+@pytest.mark.parametrize("split", [LONG - 1, LONG - 40])
+def test_a_new_kind_of_bias_decodes_with_a_cache_on_the_chunked_path(toy, split):
+    enc = make_encoding(toy)
+    x, q, k, v = inputs(B=2, H=H, T=LONG, D=D, C=C)
+    ref_out, ref_grads = values_and_grads("dense", enc, x, q, k, v, split=split)
+    out, grads = values_and_grads("chunked", enc, x, q, k, v, split=split, block=16)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert_close_grads(ref_grads, grads)
+
+
+def test_a_new_kind_of_bias_is_exactly_causal_on_the_chunked_path(toy):
+    """Changing q, k, v after position t changes no bit of the outputs up to t."""
+    enc = make_encoding(toy)
+    x, q, k, v = (t.detach() for t in inputs(B=1, H=H, T=LONG, D=D, C=C))
+    t = 100
+    later = [y.clone() for y in (q, k, v)]
+    for y in later:
+        y[:, :, t + 1:] = torch.randn_like(y[:, :, t + 1:])
+
+    def run(qq, kk, vv):
+        qe, ke, bias = enc(x, qq, kk, vv)
+        return chunked_attention(qe, ke, vv, bias, block=32)
+
+    with torch.no_grad():
+        before, after = run(q, k, v), run(*later)
+    assert torch.equal(before[:, :, :t + 1], after[:, :, :t + 1])
+    assert not torch.allclose(before[:, :, t + 1:], after[:, :, t + 1:])
+
+
+def test_a_new_encoding_trains_in_the_model_at_long_length(toy):
+    """GPT with the toy encoding: logits and every parameter's gradient equal dense's on the
+    CPU backends (auto picks chunked at this length), and a few AdamW steps lower the loss."""
+    torch.manual_seed(0)
+    settings = dict(vocab_size=64, block_size=LONG, n_layer=2, n_head=2, n_embd=16, pos_encoding=toy)
+    ref = GPT(GPTConfig(attn_backend="dense", **settings))
+    idx = torch.randint(0, 64, (1, LONG + 1))
+    logits, loss = ref(idx[:, :-1], targets=idx[:, 1:])
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert ref_grads["transformer.h.0.attn.pos.frequency"].abs().max() > 0
+    for backend in ("chunked", "triton", "auto"):
+        model = GPT(GPTConfig(attn_backend=backend, **settings))
+        model.load_state_dict(ref.state_dict())
+        got, got_loss = model(idx[:, :-1], targets=idx[:, 1:])
+        got_loss.backward()
+        torch.testing.assert_close(got, logits, atol=2e-5, rtol=1e-4, msg=backend)
+        for n, p in model.named_parameters():
+            scale = ref_grads[n].abs().max().item()
+            torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4 * scale + 1e-7, rtol=1e-3,
+                                       msg=f"{backend}: {n}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

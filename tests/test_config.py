@@ -1,6 +1,8 @@
 """configurator.py and config/: strict keys and types, the original repository's files, the paper's runs."""
 import glob
+import json
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from model import GPT, GPTConfig
 from train_adam_finewebedu import defaults, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from original_goldens import config_mismatches, with_fixed_keys  # noqa: E402
 
 
 def resolve(*argv):
@@ -71,8 +75,10 @@ def test_keys_set_by_a_shared_base_count_as_set_even_at_their_default(tmp_path):
 
 def test_model_keys_are_gptconfig_fields_with_its_defaults():
     values, _ = defaults()
-    for name in ("pos_encoding", "p_head_dim", "p_tie_mode", "use_k_shift", "rope_base", "attn_backend"):
+    for name in ("pos_encoding", "p_tie_mode", "use_k_shift", "rope_base", "attn_backend"):
         assert values[name] == getattr(GPTConfig, name)
+    # the original training script's model defaults instead (its p_head_dim None means head_dim)
+    assert (values["n_layer"], values["n_embd"], values["block_size"], values["p_head_dim"]) == (24, 1024, 4096, None)
 
 
 def test_original_repository_config_runs_unchanged(tmp_path):
@@ -112,12 +118,33 @@ model_type = 'llama-mha-grape-ap-v1'
     assert cfg.gradient_accumulation_steps == 4 and cfg.p_tie_mode == "pq" and cfg.seed == 42
 
 
+def test_original_encoding_keys_reach_the_model_with_their_meaning(tmp_path):
+    text = ("model_type = 'llama-mha-grape-m-ctx'\ngrape_base = 500.0\ngrape_share_across_heads = False\n"
+            "grape_learnable_freq = False\ngrape_ctx_init_omega = 0.5\np_head_dim = None\n")
+    cfg = resolve(write(tmp_path, text))
+    from configurator import model_fields
+    config = GPTConfig(**{k: cfg[k] for k in model_fields()} | dict(n_layer=1, n_head=2, n_embd=32, head_dim=16))
+    enc = GPT(config).transformer.h[0].attn.pos
+    assert enc.log_freq.shape == (2, 8) and not enc.log_freq.requires_grad
+    assert enc.frequencies()[0, 1].item() == pytest.approx(500.0 ** (-2 / 16))
+    assert torch.nn.functional.softplus(enc.phase_proj.bias).item() == pytest.approx(0.5)
+
+
+def test_keys_that_change_nothing_in_the_original_are_accepted_with_the_reason(tmp_path, capsys):
+    values, accepted = defaults()
+    configure([write(tmp_path, "scale_attn_by_inverse_layer_idx = True\nrho = 0.1\n")], values, accepted)
+    out = capsys.readouterr().out
+    assert "'scale_attn_by_inverse_layer_idx'" in out and "none of its model files reads it" in out
+    assert "'rho'" in out and "never reads it" in out
+
+
 def test_kvshift_in_model_type_turns_on_kv_shift(tmp_path):
     cfg = resolve(write(tmp_path, "model_type = 'llama-mha-fox-kvshift'\n"))
     assert (cfg.pos_encoding, cfg.use_k_shift, cfg.use_v_shift) == ("fox", True, True)
 
 
 @pytest.mark.parametrize("text, key", [("dropout = 0.1\n", "dropout"), ("bias = True\n", "bias"),
+                                       ("tpa_kvrank = 2\n", "tpa_kvrank"), ("group_size = 11\n", "group_size"),
                                        ("model_type = 'llama-mha-tpa'\n", "model_type"),
                                        ("model_type = 'llama-mha-rope'\npos_encoding = 'alibi'\n", "model_type")])
 def test_unsupported_original_settings_are_refused_naming_the_key(tmp_path, text, key):
@@ -126,23 +153,42 @@ def test_unsupported_original_settings_are_refused_naming_the_key(tmp_path, text
 
 
 PAPER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "train_llama_mha_*_adam_80g8.py")))
-# Tables 1 and 2 of the paper: (size, kv-shift) -> encodings
+# The original repository's 30 runs, among them Tables 1 and 2 of the paper: (size, kv-shift) -> encodings
 PAPER_RUNS = {
     ("medium", False): {"rope", "grape_m_ctx", "grape_m", "alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"},
-    ("medium", True): {"rope", "alibi", "fox", "grape_ap"},
+    ("medium", True): {"rope", "grape_m_ctx", "grape_m", "alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"},
     ("large", False): {"rope", "grape_m_ctx", "grape_m", "alibi", "fox", "grape_ap"},
-    ("large", True): {"rope", "alibi", "fox", "grape_ap"},
+    ("large", True): {"rope", "grape_m_ctx", "grape_m", "alibi", "fox", "grape_ap"},
 }
+# every config/*.py of the original resolved by its own training script (tests/make_original_goldens.py)
+with open(os.path.join(ROOT, "tests", "golden", "original", "configs.json")) as f:
+    ORIGINAL_CONFIGS = json.load(f)
 
 
-def test_paper_configs_cover_tables_1_and_2():
+def test_paper_configs_cover_the_original_runs():
     runs = {}
     for path in PAPER_CONFIGS:
         cfg = resolve(path)
         size = "medium" if cfg.n_layer == 24 else "large"
         runs.setdefault((size, cfg.use_k_shift), set()).add(cfg.pos_encoding)
     assert runs == PAPER_RUNS
-    assert os.path.join(ROOT, "config", "train_llama_mha_rope_medium_adam_80g8.py") in PAPER_CONFIGS
+    assert {os.path.basename(p) for p in PAPER_CONFIGS} == set(ORIGINAL_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_CONFIGS))
+def test_config_resolves_to_the_original_files_values(name):
+    """Every key that shapes the model, data, optimisation or schedule has the value the original's
+    training script gives it for the same-named original file (logging and paths aside:
+    original_goldens.NOT_COMPARED says why), including the model_args it passes to the model."""
+    cfg = resolve(os.path.join(ROOT, "config", name))
+    assert config_mismatches(ORIGINAL_CONFIGS[name], with_fixed_keys(cfg)) == []
+
+
+def test_config_comparison_sees_a_changed_value():
+    name = "train_llama_mha_grape_m_ctx_kvshift_large_adam_80g8.py"
+    cfg = with_fixed_keys(resolve(os.path.join(ROOT, "config", name)))
+    for key, value in (("eval_iters", 200), ("grape_m_per_head", True), ("data_seed", 1337), ("rope_base", 500.0)):
+        assert config_mismatches(ORIGINAL_CONFIGS[name], {**cfg, key: value}) != [], key
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=os.path.basename)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataloader import TokenBatches, iter_sequential
-from shards import HEADER_BYTES, ShardError, write_shard
+from shards import HEADER_BYTES, HEADER_INTS, ShardError, write_shard
 
 BLOCK = 16
 
@@ -133,6 +133,38 @@ def test_missing_truncated_foreign_and_short_shards_fail_clearly(tmp_path, data_
     write_shard(path, np.arange(BLOCK))  # one token short of a window
     with pytest.raises(ShardError, match="fewer than block_size"):
         TokenBatches(data_dir, "train", 4, BLOCK)
+
+
+def test_token_ids_beyond_vocab_size_are_refused_naming_the_file_and_the_id(tmp_path):
+    tokens = np.arange(100) % 50
+    tokens[73] = 300                                    # one id the model's vocabulary does not have
+    path = str(tmp_path / "train_000000.bin")
+    write_shard(path, tokens)
+    assert len(TokenBatches(str(tmp_path), "train", 2, BLOCK, vocab_size=301).paths) == 1   # 300 < 301: fine
+    with pytest.raises(ShardError, match=f"{path} holds token id 300, but vocab_size is 256"):
+        TokenBatches(str(tmp_path), "train", 2, BLOCK, vocab_size=256)
+    # a shard written before the header recorded the id range is scanned instead
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    assert header[3] == 301
+    header[3] = 0
+    with open(path, "r+b") as f:
+        f.write(header.tobytes())
+    with pytest.raises(ShardError, match="holds token id 300, but vocab_size is 256"):
+        TokenBatches(str(tmp_path), "train", 2, BLOCK, vocab_size=256)
+
+
+def test_stateful_skip_continues_where_drawing_the_skipped_batches_would(data_dir):
+    drawn = TokenBatches(data_dir, "train", 4, BLOCK, seed=5, mode="stateful")
+    skipped = TokenBatches(data_dir, "train", 4, BLOCK, seed=5, mode="stateful")
+    for _ in range(3):
+        drawn.get()
+    skipped.skip(3)
+    for _ in range(2):
+        a, b = drawn.get(), skipped.get()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert drawn.state_dict() == skipped.state_dict()
+    with pytest.raises(ValueError, match="stateless batches are addressed by step"):
+        TokenBatches(data_dir, "train", 4, BLOCK).skip(1)
 
 
 def test_iter_sequential_yields_consecutive_non_overlapping_windows_shard_by_shard(data_dir):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from generation import StreamingCache
-from grape import ENCODINGS
+from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
 
 V, BLOCK = 64, 24
@@ -33,6 +33,12 @@ VARIANTS = [(name, {}) for name in sorted(ENCODINGS)] + [
     ("grape_ap", {"p_tie_mode": "pk"}),
     ("grape_ap", {"p_tie_mode": "pv"}),
     ("rope", {"using_groupnorm": True, "use_qk_rmsnorm": False}),
+    ("grape_m_basis", {"grape_basis_shared": True, "grape_m_per_head": True}),
+    ("grape_m_planes", {"grape_planes_depth": 2}),
+    ("grape_a_phase", {"grape_ctx_per_head": True}),
+    ("grape_a_grid", {"grid_distance": "signed"}),
+    ("grape_a_grid", {"grid_distance": "radial", "grid": (2, 3, 4)}),
+    ("grape_m_grid", {"grid": (2, 3, 4)}),
 ]
 SHIFTS = {"noshift": {}, "kvshift": {"use_k_shift": True, "use_v_shift": True}}
 
@@ -46,7 +52,8 @@ def _composition_supported():
 
 
 if _composition_supported():        # multiplicative + additive in one head (SPEC §6)
-    VARIANTS += [("grape_m_ctx+fox", {}), ("rope+grape_ap", {}), ("grape_m+grape_a_qk", {})]
+    VARIANTS += [("grape_m_ctx+fox", {}), ("rope+grape_ap", {}), ("grape_m+grape_a_qk", {}),
+                 ("grape_m_grid+grape_a_grid", {}), ("grape_m_ctx_dict+grape_a_phase", {})]
 
 
 def variant_id(v):
@@ -58,13 +65,15 @@ def make_model(pos_encoding, seed=0, **kw) -> GPT:
     """A tiny model whose parameters are all perturbed, so that every gate, phase and probe
     depends on the token (the encodings' inits make several of them constant)."""
     torch.manual_seed(seed)
+    if any(part in GRID_ENCODINGS for part in pos_encoding.split("+")):
+        kw.setdefault("grid", (4, 6))              # BLOCK tokens in raster order
     cfg = GPTConfig(n_layer=2, n_head=3, head_dim=8, n_embd=24, vocab_size=V, block_size=BLOCK,
                     pos_encoding=pos_encoding, **kw)
     model = GPT(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(0.3 * torch.randn_like(p))
-            if "phase_proj.weight" in name:     # ω_t = sigmoid((w·x + b)/16): make w matter
+            if "phase_proj.weight" in name:     # ω_t = g(w·x + b): make w matter
                 p.normal_(0.0, 4.0)
     return model
 
@@ -118,11 +127,14 @@ def test_cache_holds_per_token_state_only(name, shift):
     with torch.no_grad():
         _, caches = cached_logits(model, tokens(B, T), [7, 1, 1, 1])
     H, D = model.config.n_head, model.config.head_dim
-    per_token = {"k": D, "v": D, "fox_cum": 1, "grape_a_slope_k": 1, "grape_ap_r": model.config.p_head_dim}
-    running = {"phase_total", "k_shift_last", "v_shift_last"}
+    per_token = {"k": D, "v": D, "fox_cum": 1, "grape_a_slope_k": 1, "grape_ap_r": model.config.p_head_dim,
+                 "grape_a_phase_cum": 1, "grape_a_dict_slope_k": 1}
+    running = {"phase_total", "k_shift_last", "v_shift_last", "grape_a_phase_total", "grape_ctx_dict_total"}
     expected = {"k", "v"}
     expected |= {"fox": {"fox_cum"}, "grape_a_k": {"grape_a_slope_k"}, "grape_a_qk": {"grape_a_slope_k"},
-                 "grape_ap": {"grape_ap_r"}, "grape_m_ctx": {"phase_total"}}.get(name, set())
+                 "grape_ap": {"grape_ap_r"}, "grape_m_ctx": {"phase_total"},
+                 "grape_a_phase": {"grape_a_phase_cum", "grape_a_phase_total"},
+                 "grape_m_ctx_dict": {"grape_ctx_dict_total"}, "grape_a_dict": {"grape_a_dict_slope_k"}}.get(name, set())
     expected |= {"k_shift_last", "v_shift_last"} if shift == "kvshift" else set()
     for cache in caches:
         assert set(cache.tensors) == expected

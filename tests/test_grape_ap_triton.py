@@ -1,4 +1,4 @@
-"""The GRAPE-AP Triton kernel against the dense reference (attention.dense_attention).
+"""The GRAPE-AP Triton kernel against the dense reference (attention_common.dense_attention).
 
 Without a GPU the kernels run in Triton's interpreter, which must be switched on before the
 first ``import triton`` in the process: set it here (grape_ap_triton.py does the same).
@@ -40,8 +40,7 @@ def _inputs(B, H, Tq, Tk, D, dp, seed=0, slope_scale=1.0, p_scale=1.0, dtype=tor
 
 def _bias(p, r, slope, offset=3):
     Tq, Tk = p.shape[2], r.shape[2]
-    q_pos = torch.arange(offset + Tk - Tq, offset + Tk, device=p.device)
-    return PathIntegralBias(q_pos, p, r, slope)
+    return PathIntegralBias(Tq, Tk, offset + Tk - Tq, p=p, r=r, slope=slope)
 
 
 def _grads(out, leaves, seed=1):

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from attention import dense_logits
-from grape import GrapeMLearnedBasis, GrapeMNonCommuting, build_encoding, rope_frequencies
+from grape import GrapeMLearnedBasis, GrapeMNonCommuting, build_encoding
 from model import GPTConfig
 
 B, H, T, D, C = 2, 2, 10, 8, 16
@@ -66,22 +65,14 @@ def test_noncommuting_map_is_an_orthogonal_one_parameter_group():
         torch.testing.assert_close(Gnm, Gn @ Gm, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["grape_m_nc", "grape_m_basis", "rope+grape_a_qk", "grape_m_nc+alibi"])
-def test_extension_logits_obey_the_relative_law(name):
-    torch.manual_seed(2)
-    enc = build_encoding(config(name))
-    with torch.no_grad():
-        for pname, p in enc.named_parameters():
-            if "basis_raw" in pname:
-                p.normal_(0, 0.3)
-    x, q, k = inputs()
-
-    def logits(offset):
-        q2, k2, bias = enc(x, q, k, offset=offset)
-        return dense_logits(q2, k2, bias)
-    base = logits(0)
-    for shift in (3, 40):
-        torch.testing.assert_close(logits(shift), base, atol=2e-4, rtol=1e-4)
+def rope_map(n):
+    """RoPE's G(n) on column vectors, built from 2x2 rotation blocks by hand: pair (2i, 2i+1)
+    rotates by n θ_i, θ_i = 10000^(-2i/d)."""
+    R = torch.zeros(D, D, dtype=torch.float64)
+    for i in range(D // 2):
+        a = n * 10000.0 ** (-2 * i / D)
+        R[2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return R
 
 
 def test_learned_basis_is_rope_conjugated_by_an_orthogonal_matrix():
@@ -92,36 +83,50 @@ def test_learned_basis_is_rope_conjugated_by_an_orthogonal_matrix():
         enc.basis_raw.normal_(0, 0.3)
     S = torch.triu(enc.basis_raw.detach().double()[1], 1)
     E = torch.linalg.matrix_exp(S - S.T)
-    theta = rope_frequencies(D, 10000.0).double()
     n = 7
-    R = torch.zeros(D, D, dtype=torch.float64)
-    for i, a in enumerate((n * theta).tolist()):
-        R[2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     # the encoding applies y ↦ (y E) R' Eᵀ to row vectors, i.e. G = E R Eᵀ on column vectors
-    torch.testing.assert_close(applied_map(enc, n, 1), E @ R @ E.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(applied_map(enc, n, 1), E @ rope_map(n) @ E.T, atol=1e-5, rtol=0)
 
 
 def test_learned_basis_starts_as_rope():
+    """At init (S = 0) the learned-basis map is RoPE's, for every head and position."""
     x, q, k = inputs()
-    basis = GrapeMLearnedBasis(config("grape_m_basis"))
-    rope = build_encoding(config("rope"))
-    got, ref = basis(x, q, k, offset=4), rope(x, q, k, offset=4)
-    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=0)
+    offset = 4
+    q2, k2, _ = GrapeMLearnedBasis(config("grape_m_basis"))(x, q, k, offset=offset)
+    for t in range(T):
+        G = rope_map(offset + t).float()
+        torch.testing.assert_close(q2[:, :, t], q[:, :, t] @ G.T, atol=1e-6, rtol=0)
+        torch.testing.assert_close(k2[:, :, t], k[:, :, t] @ G.T, atol=1e-6, rtol=0)
 
 
 def test_composition_adds_the_additive_bias_to_the_rotary_logits():
-    """Eq. 5.3: l = q̃·k̃/√d + b, with the bias computed from the un-rotated q, k."""
+    """Eq. 5.3: l(t, j) = q_tᵀ G(j - t) k_j / √d + b(t, j). Reference by hand: G(m) = matrix_exp(m Σ_i θ_i L(a_i, b_i)) from the non-commuting
+    planes, and FoX's b(t, j) = Σ_{j<ℓ≤t} log σ(w_h·x_ℓ + c_h) summed in a loop. (That gates
+    reading q, k see them un-rotated is checked by the joint GL(d+2) lift in test_grape_lifts.)"""
     torch.manual_seed(4)
-    enc = build_encoding(config("rope+grape_a_qk"))
+    enc = build_encoding(config("grape_m_nc+fox", grape_nc_planes=3))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.5 * torch.randn_like(p))
     x, q, k = inputs()
-    q2, k2, bias = enc(x, q, k)
-    rope = build_encoding(config("rope"))
-    grape_a = build_encoding(config("grape_a_qk"))
-    grape_a.load_state_dict(enc.bias.state_dict())
-    qr, kr, _ = rope(x, q, k)
-    _, _, ref_bias = grape_a(x, q, k)
-    torch.testing.assert_close(dense_logits(q2, k2, bias), dense_logits(qr, kr, ref_bias))
+    offset = 5
+    q2, k2, bias = enc(x, q, k, offset=offset)
+    got = q2.double() @ k2.double().transpose(-1, -2) / math.sqrt(D) + bias.dense().double()
+    nc, fox = enc.rotary, enc.bias
+    a = torch.nn.functional.normalize(nc.plane_a.detach().double(), dim=-1)
+    b = torch.nn.functional.normalize(nc.plane_b.detach().double(), dim=-1)
+    theta = nc.log_freq.detach().double().exp()
+    W, c = fox.forget_proj.weight.detach().double(), fox.forget_proj.bias.detach().double()
+    for h in range(H):
+        L = sum(theta[h, i] * (a[h, i, :, None] * b[h, i, None, :] - b[h, i, :, None] * a[h, i, None, :])
+                for i in range(a.shape[1]))
+        for bi in range(B):
+            log_f = [torch.nn.functional.logsigmoid(W[h] @ x[bi, l].double() + c[h]).item() for l in range(T)]
+            for t in range(T):
+                for j in range(t + 1):
+                    G = torch.linalg.matrix_exp((j - t) * L)
+                    ref = q[bi, h, t].double() @ G @ k[bi, h, j].double() / math.sqrt(D) + sum(log_f[j + 1:t + 1])
+                    assert abs(got[bi, h, t, j].item() - ref.item()) < 2e-5, (h, bi, t, j)
 
 
 def test_composition_must_be_multiplicative_then_additive():

@@ -60,19 +60,95 @@ def map_matrix(enc, n, **kw):
 
 # ---- relative law ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["rope", "grape_m", "alibi", "grape_a_q", "grape_a_k", "grape_a_qk"])
-def test_relative_law_logits_invariant_to_position_shift(name):
-    torch.manual_seed(0)
-    model_cfg = config(name)
+RELATIVE = ["rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_nc", "alibi", "fox",
+            "grape_a_q", "grape_a_k", "grape_a_qk", "rope+grape_a_qk", "grape_m_nc+alibi", "grape_m_ctx+fox"]
+PERIOD = 16
+
+
+def perturbed(name, seed=0):
+    """An encoding with every parameter moved off its initial value: gates, phases and
+    frequencies all depend on content and on the parameters."""
     from grape import build_encoding
-    enc = build_encoding(model_cfg)
-    if name == "grape_m":  # move off RoPE's spectrum so the check covers learned frequencies
-        with torch.no_grad():
-            enc.log_freq.normal_(0, 3.0)
-    x, q, k = inputs()
-    base = logits(enc, x, q, k, offset=0)
-    for shift in (1, 7, 50):
-        torch.testing.assert_close(logits(enc, x, q, k, offset=shift), base, atol=2e-4, rtol=1e-4)
+    torch.manual_seed(seed)
+    enc = build_encoding(config(name))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return enc
+
+
+def periodic_inputs(repeats=3, seed=0):
+    """x, q, k whose content repeats with period PERIOD: the token pair (t, j) and the pair
+    (t + PERIOD, j + PERIOD) carry the same content, and so does every token between them."""
+    g = torch.Generator().manual_seed(seed)
+    one = (torch.randn(B, PERIOD, C, generator=g), torch.randn(B, H, PERIOD, D, generator=g),
+           torch.randn(B, H, PERIOD, D, generator=g))
+    return one[0].repeat(1, repeats, 1), one[1].repeat(1, 1, repeats, 1), one[2].repeat(1, 1, repeats, 1)
+
+
+def scores(enc, x, q, k, offset=0):
+    """q̃·k̃/√d + b(t, j) from the encoding's outputs, float64 (B, H, T, T)."""
+    q2, k2, bias = enc(x, q, k, offset=offset)
+    out = q2.double() @ k2.double().transpose(-1, -2) / math.sqrt(D)
+    return out if bias is None else out + bias.dense().double()
+
+
+def relative_law_error(enc):
+    """Largest change of a visible logit when the whole path (j..t) moves by PERIOD positions
+    inside one sequence, or when the sequence starts at another absolute offset."""
+    x, q, k = periodic_inputs()
+    n = x.shape[1] - PERIOD
+    keep = causal(n)
+    base = scores(enc, x, q, k)
+    moved = (base[..., PERIOD:, PERIOD:] - base[..., :n, :n])[..., keep].abs().max()
+    shifted = (scores(enc, x, q, k, offset=29) - base)[..., causal(x.shape[1])].abs().max()
+    return max(moved.item(), shifted.item())
+
+
+class AbsolutePositionLeak(torch.nn.Module):
+    """A deliberately broken encoding: ``enc``, then one term that sees absolute positions.
+    "query": queries only get an extra rotation by angle 0.05 t (keys do not), as if one side
+    of a rotary map had been forgotten; "bias": the additive bias is scaled by 1 + t / 100,
+    a slope that grows with the absolute query position."""
+
+    def __init__(self, enc, where):
+        super().__init__()
+        self.enc, self.where = enc, where
+
+    def forward(self, x, q, k, offset=0):
+        q2, k2, bias = self.enc(x, q, k, offset=offset)
+        t = torch.arange(offset, offset + q.shape[2], dtype=torch.float32)
+        if self.where == "query":
+            angle = 0.05 * t[:, None].expand(-1, D // 2)
+            q2 = torch.stack((q2[..., 0::2] * angle.cos() - q2[..., 1::2] * angle.sin(),
+                              q2[..., 0::2] * angle.sin() + q2[..., 1::2] * angle.cos()), -1).flatten(-2)
+            return q2, k2, bias
+        return q2, k2, FixedBias(bias.dense() * (1 + t[:, None] / 100))
+
+
+class FixedBias:
+    def __init__(self, dense):
+        self._dense = dense
+
+    def dense(self):
+        return self._dense
+
+
+@pytest.mark.parametrize("name", RELATIVE)
+def test_relative_law_logits_depend_only_on_content_and_relative_position(name):
+    """§2.2/§4 (exact relative law), with content-dependent gates: a logit is unchanged when the
+    content of the path j..t is moved PERIOD positions later in the same sequence, or when the
+    sequence is shifted by an offset. The same check fails on broken variants of the encoding
+    that see absolute positions, and positions do matter (same content, other distance)."""
+    enc = perturbed(name)
+    assert relative_law_error(enc) < 2e-4
+    x, q, k = periodic_inputs()
+    base = scores(enc, x, q, k)
+    # the same (q_t, k_j) contents at distance t - j and at t - j + PERIOD give different logits
+    farther = (base[..., 2 * PERIOD:, PERIOD:2 * PERIOD] - base[..., 2 * PERIOD:, :PERIOD]).abs().max()
+    assert farther > 1e-2
+    for where in ("query", "bias") if enc.additive else ("query",):
+        assert relative_law_error(AbsolutePositionLeak(enc, where)) > 1e-2, where
 
 
 def test_rope_logits_follow_relative_rotation_formula():
@@ -117,7 +193,7 @@ def multiplicative_maps():
     rope = RoPE(config("rope"))
     gm = GrapeM(config("grape_m", grape_m_per_head=True))
     with torch.no_grad():
-        gm.log_freq.normal_(0, 3.0)
+        gm.scaled_log_freq.add_(torch.randn_like(gm.scaled_log_freq) * 3.0)
     ctx = GrapeMContextual(config("grape_m_ctx"))
     # the contextual map at phase Φ is the RoPE map at "position" Φ: evaluate it with x = 0
     # (ω = const) and read G from the phase offset
@@ -157,6 +233,35 @@ def test_contextual_map_preserves_norms_and_composes_in_phase():
     torch.testing.assert_close(k2.norm(dim=-1), k.norm(dim=-1), atol=1e-4, rtol=1e-5)
 
 
+MULTIPLICATIVE = ["rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_nc"]
+
+
+def position_map(enc, n):
+    """G(n) of every head as explicit (H, D, D) matrices: the encoding applied to the basis
+    vectors e_i at position n (GRAPE-M-ctx: at phase n, through its phase offset)."""
+    eye = torch.eye(D).view(D, 1, 1, D).expand(D, H, 1, D).contiguous()
+    x = torch.zeros(D, 1, C)
+    if isinstance(enc, GrapeMContextual):
+        out, _, _ = enc(x, eye, eye, phase_offset=float(n))
+    else:
+        out, _, _ = enc(x, eye, eye, offset=n)
+    return out[:, :, 0, :].permute(1, 2, 0).double()           # [h][:, i] = G_h(n) e_i
+
+
+@pytest.mark.parametrize("name", MULTIPLICATIVE)
+def test_map_at_negative_position_is_the_transpose(name):
+    """§2.2: G(-n) = G(n)ᵀ (= G(n)⁻¹), for every multiplicative encoding with perturbed
+    parameters (frequencies, learned basis, non-commuting planes, phase gates)."""
+    enc = perturbed(name)
+    for n in (1, 5, 37, 300):
+        G, G_neg = position_map(enc, n), position_map(enc, -n)
+        assert (G - G.transpose(-1, -2)).abs().max() > 0.1        # not trivially symmetric
+        atol = 1e-5 + 3e-7 * n          # float32 angles and matrix_exp(nL) round to ~n ulp
+        torch.testing.assert_close(G_neg, G.transpose(-1, -2), atol=atol, rtol=0)
+        torch.testing.assert_close(G_neg @ G, torch.eye(D, dtype=torch.float64).expand(H, D, D),
+                                   atol=atol, rtol=0)
+
+
 def test_rope_is_product_of_rank2_exponentials_on_coordinate_planes():
     """Prop. 3.1: G(n) = Π_i exp(n θ_i U_i J U_iᵀ) with matrix_exp, equals the RoPE map."""
     enc = RoPE(config("rope"))
@@ -177,7 +282,7 @@ def test_grape_m_at_initial_frequencies_equals_rope_exactly():
     rope = GPT(GPTConfig(n_layer=2, n_head=H, n_embd=C, vocab_size=64, block_size=64, pos_encoding="rope"))
     grape = GPT(GPTConfig(n_layer=2, n_head=H, n_embd=C, vocab_size=64, block_size=64, pos_encoding="grape_m"))
     missing, unexpected = grape.load_state_dict(rope.state_dict(), strict=False)
-    assert unexpected == [] and all("log_freq" in m for m in missing)
+    assert unexpected == [] and all("scaled_log_freq" in m for m in missing)
     for p in grape.parameters():
         if p.dim() == 1 and p.shape[0] == D // 2:
             p.requires_grad_(False)          # frozen frequencies
@@ -201,15 +306,43 @@ def test_rodrigues_closed_form_matches_matrix_exp(scale):
         torch.testing.assert_close(rodrigues_apply(a, b, x, n), ref @ x, atol=1e-12, rtol=1e-10)
 
 
-def test_rodrigues_near_degenerate_plane_uses_series_without_nan_gradients():
-    a = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor([1.0, 1e-9, 0.0], dtype=torch.float64, requires_grad=True)   # s ≈ 1e-9
-    x = torch.tensor([0.2, -0.5, 0.7], dtype=torch.float64)
-    y = rodrigues_apply(a, b, x, 3.0)
-    L = (a[:, None] * b[None, :] - b[:, None] * a[None, :]).detach()
-    torch.testing.assert_close(y.detach(), torch.linalg.matrix_exp(3.0 * L) @ x, atol=1e-12, rtol=0)
-    y.sum().backward()
-    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+@pytest.mark.parametrize("plane", [1e-9, 1e-4, 3e-4, 1e-2, 1.0])
+def test_rodrigues_gradients_match_matrix_exp_autograd_and_finite_differences(plane):
+    """Gradients of y = exp(cL(a, b)) x with respect to a, b, x and c, on both sides of the
+    series switch (c s ≈ 1e-3 for s = 3.3e-4) and at a near-degenerate plane (s = 1e-9):
+    equal to autograd through torch.linalg.matrix_exp (float64) and to central differences."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(5, generator=g, dtype=torch.float64)
+    direction = torch.randn(5, generator=g, dtype=torch.float64)
+    direction -= (direction @ a) / (a @ a) * a
+    b = 0.7 * a + plane * direction / direction.norm() / a.norm()         # s = plane
+    x = torch.randn(5, generator=g, dtype=torch.float64)
+    c = torch.tensor(3.0, dtype=torch.float64)
+    w = torch.randn(5, generator=g, dtype=torch.float64)                    # loss = w · y
+
+    def via_rodrigues(a, b, x, c):
+        return w @ rodrigues_apply(a, b, x, c)
+
+    def via_matrix_exp(a, b, x, c):
+        L = a[:, None] * b[None, :] - b[:, None] * a[None, :]
+        return w @ (torch.linalg.matrix_exp(c * L) @ x)
+
+    leaves = [t.clone().requires_grad_() for t in (a, b, x, c)]
+    got = torch.autograd.grad(via_rodrigues(*leaves), leaves)
+    leaves = [t.clone().requires_grad_() for t in (a, b, x, c)]
+    want = torch.autograd.grad(via_matrix_exp(*leaves), leaves)
+    for name, g_got, g_want in zip("abxc", got, want):
+        torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=1e-8, msg=lambda m: f"d/d{name}: {m}")
+    eps = 1e-6
+    args = [a, b, x, c]
+    for i, name in enumerate("abxc"):
+        for e in range(args[i].numel()):
+            plus = [t.clone() for t in args]
+            minus = [t.clone() for t in args]
+            plus[i].view(-1)[e] += eps
+            minus[i].view(-1)[e] -= eps
+            fd = (via_rodrigues(*plus) - via_rodrigues(*minus)) / (2 * eps)
+            assert abs(fd - got[i].view(-1)[e]) < 1e-7, (name, e, fd.item(), got[i].view(-1)[e].item())
 
 
 def test_rodrigues_exp_is_orthogonal_rotation_in_the_plane():
@@ -222,6 +355,57 @@ def test_rodrigues_exp_is_orthogonal_rotation_in_the_plane():
     w = Q[:, 2]
     torch.testing.assert_close(G @ w, w, atol=1e-12, rtol=0)
     assert torch.allclose(rank2_generator(a, b), -rank2_generator(a, b).T)
+
+
+def canonical_complex_structure(d):
+    """J = ⊕ [[0, -1], [1, 0]] (§2.1): J ᵀ = -J, J² = -I; a⊥ = J a is a rotated by 90° per block."""
+    J = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(d // 2):
+        J[2 * i + 1, 2 * i], J[2 * i, 2 * i + 1] = 1.0, -1.0
+    return J
+
+
+@pytest.mark.parametrize("norm", [1.0, 0.4, 2.5])
+def test_b_equals_Ja_gives_a_plane_rotation_at_frequency_omega_times_norm_squared(norm):
+    """§2.4, Corollary 2.1: with b = J a, γ = 0, β = α, s = α; exp(ωL(a, Ja)) is the rotation by
+    ω_eff = ω‖a‖² in the plane (a, Ja) and the identity on its complement. Checked against
+    torch.linalg.matrix_exp, a hand-written 2x2 rotation in the basis (â, Jâ), and the
+    closed forms rodrigues_exp / rodrigues_apply."""
+    d, omega = 6, 0.37
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(d, generator=g, dtype=torch.float64)
+    a = norm * a / a.norm()
+    J = canonical_complex_structure(d)
+    torch.testing.assert_close(J @ J, -torch.eye(d, dtype=torch.float64))
+    b = J @ a
+    alpha, beta, gamma = a @ a, b @ b, a @ b
+    assert abs(gamma.item()) < 1e-15 and abs(beta.item() - alpha.item()) < 1e-12
+    s = torch.sqrt(alpha * beta - gamma ** 2)
+    torch.testing.assert_close(s, alpha)                                        # s = α = ‖a‖²
+    L = rank2_generator(a, b)
+    torch.testing.assert_close(L @ a, -alpha * b)                               # L a = -(Ja) α
+    torch.testing.assert_close(L @ b, alpha * a)                                # L Ja = α a
+    for n in (1.0, 4.0, -3.0):
+        G = torch.linalg.matrix_exp(n * omega * L)
+        angle = n * omega * norm ** 2                                           # n ω_eff
+        U = torch.stack([a, b], 1) / a.norm()                                   # orthonormal (â, Jâ)
+        R = torch.tensor([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]],
+                         dtype=torch.float64)                                   # rotation by -angle
+        torch.testing.assert_close(U.T @ G @ U, R, atol=1e-12, rtol=0)
+        P = U @ U.T
+        w = (torch.eye(d, dtype=torch.float64) - P) @ torch.randn(d, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(G @ w, w, atol=1e-12, rtol=0)
+        # the paper's closed form: exp(nωL) = I - (1 - cos nωα) P_U - sin(nωα) J P_U
+        closed = torch.eye(d, dtype=torch.float64) - (1 - math.cos(angle)) * P - math.sin(angle) * J @ P
+        torch.testing.assert_close(G, closed, atol=1e-12, rtol=0)
+        torch.testing.assert_close(rodrigues_exp(a, b, n * omega), G, atol=1e-12, rtol=0)
+        x = torch.randn(d, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(rodrigues_apply(a, b, x, n * omega), G @ x, atol=1e-12, rtol=0)
+    # the scale of a is absorbed into ω: exp(ωL(ca, Jca)) = exp(c²ωL(a, Ja))
+    unit = a / a.norm()
+    torch.testing.assert_close(torch.linalg.matrix_exp(omega * L),
+                               torch.linalg.matrix_exp(omega * norm ** 2 * rank2_generator(unit, J @ unit)),
+                               atol=1e-12, rtol=0)
 
 
 # ---- additive encodings --------------------------------------------------------------------

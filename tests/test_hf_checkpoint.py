@@ -18,7 +18,7 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 
 import hf_checkpoint
 from checkpoint import save_checkpoint
-from grape import ENCODINGS
+from grape import ENCODINGS, GRID_ENCODINGS
 from model import EOT, GPT, GPTConfig
 from tokenizer import gpt2_encoding
 
@@ -27,7 +27,8 @@ PROMPT = "The GRAPE"
 TEXTS = ["Hello world", " leading space,  two spaces\n\n\ttab", "def f(x):\n    return x ** 2  # ünïcödé",
          "日本語 and emoji 🤗's", "one<|endoftext|>two", ""]
 # every encoding, and KV-shift on an additive and on a composed one
-VARIANTS = {name: dict(pos_encoding=name) for name in sorted(ENCODINGS)}
+VARIANTS = {name: dict(pos_encoding=name, grid=(16, 16) if name in GRID_ENCODINGS else None)
+            for name in sorted(ENCODINGS)}
 VARIANTS["grape_ap_kvshift"] = dict(pos_encoding="grape_ap", use_k_shift=True, use_v_shift=True)
 VARIANTS["rope+grape_ap_kvshift"] = dict(pos_encoding="rope+grape_ap", use_k_shift=True, use_v_shift=True)
 

@@ -1,10 +1,9 @@
-"""plot_curves.py: parses training logs (log.jsonl and wandb offline runs) into the logged
-points exactly, and draws them into a PNG."""
+"""plot_curves.py: parses training logs (log.jsonl, wandb offline runs through their out_dir's
+log.jsonl, wandb server runs through wandb's public API) into the logged points exactly, and
+draws them into a PNG."""
 import json
 import os
 import sys
-
-import time
 
 import pytest
 
@@ -66,24 +65,52 @@ def test_bad_log_line_is_an_error_naming_the_line_but_a_cut_last_line_is_skipped
         plot_curves.load_run(str(log))
 
 
-def test_wandb_offline_run_history_is_read_across_log_blocks(tmp_path, monkeypatch):
+def test_an_iteration_logged_again_after_a_resume_keeps_its_last_value(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [(1, 4.0), (2, 3.5), (3, 9.9), (2, 3.4), (3, 3.3), (4, 3.2)]      # resumed from iteration 1
+    log.write_text("".join(json.dumps({"iter": i, "tokens": 10 * i, "train_loss": v}) + "\n" for i, v in rows)
+                   + json.dumps({"iter": 3, "rollback_from": 3, "skipped_iters": 1, "lr_scale": 0.5}) + "\n")
+    assert plot_curves.load_run(str(log)).train == [(10.0, 4.0), (20.0, 3.4), (30.0, 3.3), (40.0, 3.2)]
+
+
+def test_a_wandb_offline_run_folder_is_read_from_its_out_dirs_log(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out_dir = tmp_path / "out-fox"
-    out_dir.mkdir()
+    train, val = write_log(str(out_dir))
     run = wandb.init(project="grape-test", dir=str(out_dir), mode="offline")
-    n = 1200  # enough rows for the .wandb file to span many 32 KiB blocks
-    for i in range(n):
-        run.log({"train/loss": 4.0 - i * 1e-3, "tokens": i * 64, "lr": 1e-3}, step=i)
-    run.log({"val/loss": 2.5, "tokens": n * 64}, step=n)
+    run.log({"train/loss": 1.0}, step=0)
     run.finish()
-    # wandb's background writer may still be flushing its last block when finish() returns
-    # on a loaded machine: wait (bounded) until the last logged row is on disk
-    deadline = time.time() + 30
-    curves = plot_curves.load_run(str(out_dir))     # out_dir/wandb/offline-run-*
-    while not curves.val and time.time() < deadline:
-        time.sleep(0.5)
-        curves = plot_curves.load_run(str(out_dir))
+    [run_dir] = (out_dir / "wandb").glob("offline-run-*")
+    curves = plot_curves.load_run(str(run_dir))
     assert curves.label == "out-fox"
-    assert curves.train == [(float(i * 64), 4.0 - i * 1e-3) for i in range(n)]
-    assert curves.val == [(float(n * 64), 2.5)]
+    assert curves.train == [(float(x), y) for x, y in train] and curves.val == [(float(x), y) for x, y in val]
+    os.remove(out_dir / "log.jsonl")
+    with pytest.raises(FileNotFoundError, match="wandb sync"):
+        plot_curves.load_run(str(run_dir))
+
+
+def test_a_wandb_server_run_is_read_through_the_public_api(tmp_path, monkeypatch):
+    """No network here: wandb.Api is replaced by an object with the public API's shape
+    (Api().run(path) -> a run with .name and .scan_history() yielding logged rows)."""
+    wandb = pytest.importorskip("wandb")
+    from wandb.apis.public import Run
+    assert callable(Run.scan_history) and "name" in dir(Run)           # the API this reader relies on
+    rows = [{"_step": i, "train/loss": 4.0 - i, "tokens": 64 * i, "lr": 1e-3} for i in range(3)]
+    rows.append({"_step": 3, "val/loss": 2.5, "tokens": 192})
+    asked = []
+
+    class FakeRun:
+        name = "rope-medium"
+
+        def scan_history(self):
+            return iter(rows)
+
+    class FakeApi:
+        def run(self, path):
+            asked.append(path)
+            return FakeRun()
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    curves = plot_curves.load_run("wandb:team/grape/abc123")
+    assert asked == ["team/grape/abc123"] and curves.label == "rope-medium"
+    assert curves.train == [(0.0, 4.0), (64.0, 3.0), (128.0, 2.0)] and curves.val == [(192.0, 2.5)]

@@ -73,6 +73,29 @@ def test_lr_schedule_is_warmup_then_cosine_to_min_lr():
     assert get_lr(3, cfg) == 1.0
 
 
+def test_lr_decay_iters_defaults_to_max_iters_unless_set(data_dir, tmp_path):
+    from configurator import ConfigError, configure
+    from train_adam_finewebedu import defaults, derive_defaults, validate
+
+    def resolved(*argv):
+        cfg, explicit = configure(argv, *defaults(), verbose=False)
+        derive_defaults(cfg, explicit)
+        validate(cfg, explicit)
+        return cfg.lr_decay_iters
+    assert resolved("--max_iters=3000") == 3000
+    assert resolved("--max_iters=3000", "--lr_decay_iters=2500") == 2500
+    (tmp_path / "run.py").write_text("max_iters = 5000\nlr_decay_iters = 4000\n")
+    assert resolved(str(tmp_path / "run.py"), "--max_iters=6000") == 4000     # set in the file: kept
+    with pytest.raises(ConfigError, match=r"'lr_decay_iters' \(100, from max_iters\) must exceed 'warmup_iters'"):
+        resolved("--max_iters=100")                                         # warm-up 2000 > the whole run
+    # in a run: the cosine reaches its end at max_iters (hand formula, lr 1e-3 -> min_lr 1e-4)
+    args = [a for a in tiny(data_dir, str(tmp_path / "run")) if not a.startswith("--lr_decay_iters")]
+    main(args + ["--max_iters=6", "--eval_interval=6", "--learning_rate=1e-3", "--min_lr=1e-4"])
+    lrs = [r["lr"] for r in read_log(str(tmp_path / "run")) if "lr" in r]
+    cosine = [1e-4 + 0.5 * (1 + math.cos(math.pi * (i - 2) / 4)) * 9e-4 for i in range(2, 6)]
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3] + cosine)
+
+
 @pytest.mark.parametrize("mode, encoding", [("stateless", "grape_ap"), ("stateful", "fox")])
 def test_resume_gives_bitwise_the_same_losses_as_one_run(data_dir, tmp_path, mode, encoding):
     common = [f"--data_rng_mode={mode}", f"--pos_encoding={encoding}", "--eval_interval=3"]
@@ -243,3 +266,23 @@ def test_wandb_offline_mode_logs_without_network(data_dir, tmp_path, monkeypatch
     runs = [d for d in os.listdir(os.path.join(out, "wandb")) if d.startswith("offline-run-")]
     assert len(runs) == 1
     assert checkpoint.load_checkpoint(out)["wandb_id"] in runs[0]
+
+
+def test_resume_keeps_the_weight_decay_groups_its_optimizer_state_was_saved_with(data_dir, tmp_path):
+    """AdamW's state is stored per group and position: a resume must rebuild the same groups."""
+    from configurator import ConfigError
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_a_qk"))
+    assert checkpoint.load_checkpoint(out)["config"]["weight_decay_on"] == "all_but_norms"
+    with pytest.raises(ConfigError, match="weight_decay_on='matrices'"):
+        main(tiny(data_dir, out, "--max_iters=3", "--pos_encoding=grape_a_qk", "--init_from=resume",
+                  "--weight_decay_on=matrices"))
+    # a checkpoint from before the key existed was trained with 'matrices' and resumes with them
+    old = str(tmp_path / "old")
+    main(tiny(data_dir, old, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_a_qk",
+              "--weight_decay_on=matrices"))
+    ckpt = checkpoint.load_checkpoint(old)
+    del ckpt["config"]["weight_decay_on"]
+    checkpoint.atomic_torch_save(ckpt, os.path.join(old, checkpoint.CKPT_NAME))
+    assert main(tiny(data_dir, old, "--max_iters=3", "--pos_encoding=grape_a_qk",
+                     "--init_from=resume"))["iter_num"] == 3

@@ -1,0 +1,62 @@
+"""Progress bars follow tqdm's ``disable=None`` convention: drawn on a terminal, absent when stderr
+is a file or a pipe, so logs hold no carriage-return lines. Each tool runs twice, with stderr a
+plain buffer and a buffer that says it is a terminal (the control: the bar is really there)."""
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lm-evaluation-harness"))
+
+import eval_length  # noqa: E402
+from data import prepare_common  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).eval()
+
+
+def eval_length_positions(tmp_path):
+    windows = [np.arange(33) % 256 for _ in range(4)]
+    eval_length.position_losses(tiny_model(), windows, 16, 1, "cpu", desc="positions")
+
+
+def load_pretrained_folder(tmp_path):
+    folder = tmp_path / "pretrained"
+    if not folder.exists():
+        tiny_model().save_pretrained(str(folder))
+    GPT.load(str(folder))
+
+
+def lm_eval_adapter(tmp_path):
+    import grape_lm
+    from lm_eval.api.instance import Instance
+    lm = grape_lm.GrapeLM(pretrained=tiny_model(), max_length=16)
+    lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=("Hello", " world"), idx=0)])
+
+
+def prepare_data(tmp_path):
+    out = tmp_path / f"prep{len(os.listdir(tmp_path))}"
+    documents = [f"document {i} " * 20 for i in range(5)]
+    prepare_common.prepare(iter(documents), str(out), source="t", shard_size=64, val_tokens=10)
+
+
+@pytest.mark.parametrize("tool", [eval_length_positions, load_pretrained_folder, lm_eval_adapter, prepare_data],
+                         ids=lambda f: f.__name__)
+def test_progress_bars_are_drawn_on_a_terminal_only(tool, tmp_path, monkeypatch):
+    drawn = {}
+    for kind, stderr in (("terminal", Terminal()), ("file", io.StringIO())):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        tool(tmp_path)
+        drawn[kind] = "\r" in stderr.getvalue()
+    assert drawn == {"terminal": True, "file": False}
