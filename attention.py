@@ -109,6 +109,8 @@ def flush_denormals_on_cpu(device: torch.device) -> None:
     long T, RoPE's tails) underflow into denormal floats, and x86 arithmetic on denormals
     makes the CPU flash kernel up to 4x slower. Flushing them to zero (|x| < 1.2e-38) changes
     no result at float32 resolution. The switch is per thread, so it is set once per thread."""
+    if torch.compiler.is_compiling():      # a switch, not a tensor op: set by the eager calls
+        return
     if device.type == "cpu" and not getattr(_denormals, "flushed", False):
         torch.set_flush_denormal(True)
         _denormals.flushed = True

@@ -1122,7 +1122,10 @@ class GrapeADictionary(Encoding):
     def rate(self, gate: Tensor, y: Tensor) -> Tensor:
         """Σ_r ω_{h,r} softplus(ĝ_{h,r}·y/√d), (B, H, T)."""
         unit = F.normalize(_float(gate), dim=-1)
-        lam = F.softplus(torch.einsum("bhtd,hrd->bhtr", _float(y), unit.to(_float(y).dtype)) / math.sqrt(self.head_dim))
+        # a matmul, not an einsum: the einsum's backward views a non-contiguous gradient under
+        # torch.compile's AOT autograd
+        y = _float(y)
+        lam = F.softplus(y @ unit.to(y.dtype).transpose(-1, -2) / math.sqrt(self.head_dim))
         return (lam * self.weights()[:, None, :]).sum(-1)
 
     def forward(self, x, q, k, v=None, offset=0, cache=None):
