@@ -279,14 +279,13 @@ def train(run: Run, state: dict, cmd: list[str], max_iters: int, prefix: str) ->
 
 def evaluate(run: Run, multipliers: list[int], num_windows: int, batch_size: int, device: str) -> dict:
     """Loss by position of the final checkpoint at each context multiple (eval_length.py)."""
-    from transformers.utils import logging as hf_logging
-
     import eval_length
+    from checkpoint import hf_progress_bars_off
     from model import GPT
-    hf_logging.disable_progress_bar()     # from_pretrained's per-load bar
     t0 = time.time()
-    results = eval_length.evaluate([run.out_dir], multipliers, num_windows, batch_size=batch_size,
-                                   device=device, labels=[run.name])
+    with hf_progress_bars_off():          # from_pretrained's per-load bar (restored afterwards)
+        results = eval_length.evaluate([run.out_dir], multipliers, num_windows, batch_size=batch_size,
+                                       device=device, labels=[run.name])
     return {
         "multipliers": multipliers,
         "n_windows": {str(r.multiplier): r.n_windows for r in results},
