@@ -20,6 +20,7 @@ from attention import attend, choose_backend, dense_attention, dense_logits
 from attention_chunked import chunked_attention
 from grape import ENCODINGS, GRID_ENCODINGS, Bias, Encoding, LayerCache, PathIntegralBias, SeparableBias, build_encoding
 from model import GPT, GPTConfig
+from perturbation import perturb_parameters
 
 H, D, C = 3, 8, 24
 LONG = 260                  # >= 256, where the CPU runs the fast paths; a multiple of no block size
@@ -44,9 +45,7 @@ def make_encoding(name, seed=0, **config):
     """An encoding with random (not init-value) parameters, so every gate matters."""
     torch.manual_seed(seed)
     enc = build_encoding(encoding_config(name, **config))
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    perturb_parameters(enc, 0.5)
     return enc
 
 

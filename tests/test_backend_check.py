@@ -9,6 +9,7 @@ import attention
 from attention import chunked_attention, dense_attention, dense_logits, triton_attention
 from backend_check import BackendMismatch, attention_layer, backends_in_use, check_backends
 from model import GPT, GPTConfig
+from perturbation import perturb_parameters
 
 
 def _model(pos_encoding: str, attn_backend: str = "auto", **extra) -> GPT:
@@ -16,9 +17,7 @@ def _model(pos_encoding: str, attn_backend: str = "auto", **extra) -> GPT:
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, head_dim=16, vocab_size=64, block_size=256,
                        pos_encoding=pos_encoding, attn_backend=attn_backend, **extra)
     model = GPT(config)
-    with torch.no_grad():        # every parameter away from its init: gates depend on content
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    perturb_parameters(model, 0.2)
     return model
 
 

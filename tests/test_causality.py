@@ -13,6 +13,7 @@ import attention
 import attention_chunked
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
+from perturbation import perturb_parameters
 
 V = 97
 
@@ -24,9 +25,7 @@ def perturbed_model(pos_encoding, shift, T, **kw):
     config = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=V, block_size=T, pos_encoding=pos_encoding,
                        use_k_shift=shift, use_v_shift=shift, **kw)
     model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():       # norm weights, gates, frequencies, slopes: everything
-            p.add_(0.2 * torch.randn_like(p))
+    perturb_parameters(model, 0.2)
     return model
 
 

@@ -31,6 +31,7 @@ import attention_chunked
 import model as model_module
 from grape import ENCODINGS, GRID_ENCODINGS, SeparableBias
 from model import GPT, GPTConfig
+from perturbation import perturb_parameters
 
 T = 260                          # >= 256: the CPU's fast paths run; no multiple of a block size
 V = 64
@@ -42,9 +43,7 @@ def perturbed_model(pos_encoding: str, backend: str, **kw) -> GPT:
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=V, block_size=T, pos_encoding=pos_encoding,
                        attn_backend=backend, grid=(-(-T // 16), 16) if on_grid else None, **kw)
     model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():       # gates, frequencies, slopes off their init values
-            p.add_(0.2 * torch.randn_like(p))
+    perturb_parameters(model, 0.2)
     return model
 
 

@@ -7,6 +7,7 @@ import torch
 
 from grape import GrapeMLearnedBasis, GrapeMNonCommuting, build_encoding
 from model import GPTConfig
+from perturbation import perturb_parameters
 
 B, H, T, D, C = 2, 2, 10, 8, 16
 
@@ -105,9 +106,7 @@ def test_composition_adds_the_additive_bias_to_the_rotary_logits():
     reading q, k see them un-rotated is checked by the joint GL(d+2) lift in test_grape_lifts.)"""
     torch.manual_seed(4)
     enc = build_encoding(config("grape_m_nc+fox", grape_nc_planes=3))
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    perturb_parameters(enc, 0.5)
     x, q, k = inputs()
     offset = 5
     q2, k2, bias = enc(x, q, k, offset=offset)

@@ -12,6 +12,7 @@ from grape import (GrapeADictionary, GrapeAGrid, GrapeAPhase, GrapeMContextualDi
                    GrapeMLearnedBasis, GrapeMPlanes, LayerCache, alibi_slopes, build_encoding,
                    raster_coordinates, rodrigues_apply, rope_frequencies)
 from model import GPT, GPTConfig
+from perturbation import perturb_parameters
 
 B, H, T, D, C = 2, 2, 12, 8, 16
 NEW = {"grape_m_planes": {}, "grape_m_grid": {"grid": (3, 4)}, "grape_m_ctx_dict": {},
@@ -32,9 +33,7 @@ def inputs(seed=0, n_tokens=T, head_dim=D, n_head=H, dtype=torch.float32):
 
 def perturb(enc, std=0.5, seed=1):
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(std * torch.randn_like(p))
+    perturb_parameters(enc, std)
     return enc
 
 

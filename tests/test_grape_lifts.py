@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from attention import attend
 from grape import build_encoding
 from model import GPTConfig
+from perturbation import perturb_parameters
 
 B, H, T, D, C = 2, 4, 12, 8, 32
 CAUSAL = torch.tril(torch.ones(T, T, dtype=torch.bool))
@@ -32,9 +33,7 @@ def perturbed(name, seed=0, **kw):
     """The encoding with every parameter moved off its initial value (gates depend on content)."""
     torch.manual_seed(seed)
     enc = build_encoding(config(name, **kw))
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    perturb_parameters(enc, 0.5)
     return enc
 
 

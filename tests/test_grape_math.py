@@ -13,6 +13,7 @@ from attention import dense_logits
 from grape import (ALiBi, FoX, GrapeA, GrapeAP, GrapeM, GrapeMContextual, RoPE, alibi_slopes,
                    path_integral_sum, rank2_generator, rodrigues_apply, rodrigues_exp)
 from model import GPTConfig
+from perturbation import perturb_parameters
 
 B, H, T, D, C = 2, 4, 12, 8, 32
 
@@ -71,9 +72,7 @@ def perturbed(name, seed=0):
     from grape import build_encoding
     torch.manual_seed(seed)
     enc = build_encoding(config(name))
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    perturb_parameters(enc, 0.5)
     return enc
 
 

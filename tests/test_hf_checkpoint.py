@@ -20,6 +20,7 @@ import hf_checkpoint
 from checkpoint import save_checkpoint
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import EOT, GPT, GPTConfig
+from perturbation import perturb_parameters
 from tokenizer import gpt2_encoding
 
 T = 256                       # long enough for the chunked attention path on CPU
@@ -77,9 +78,8 @@ def perturbed_model(seed: int, **settings) -> GPT:
     loader that dropped or misplaced any parameter would change the logits."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T, **settings)).eval()
+    perturb_parameters(model, 0.05)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
         model.transformer.wte.weight[EOT + 1:] = 0        # padded vocabulary rows: never the argmax
     return model
 

@@ -6,6 +6,7 @@ import torch
 
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig, LEGACY_MODEL_TYPES, settings_from_model_type
+from perturbation import perturb_parameters
 
 ALL = sorted(ENCODINGS)
 V = 97
@@ -53,9 +54,7 @@ def test_every_parameter_gradient_matches_central_differences_in_float64(name, s
     monkeypatch.setattr(torch.Tensor, "float",
                         lambda t, *a, **kw: t if t.dtype == torch.float64 else to_float32(t, *a, **kw))
     model = tiny(name, shift, n_layer=1, using_groupnorm=True).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb_parameters(model, 0.1)
     idx = torch.randint(0, V, (2, 12))
     _, loss = model(idx, idx.roll(-1, 1))
     assert loss.dtype == torch.float64
