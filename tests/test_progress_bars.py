@@ -12,8 +12,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lm-evaluation-harness"))
 
 import eval_length  # noqa: E402
+import train_adam_finewebedu  # noqa: E402
 from data import prepare_common  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from shards import write_shard  # noqa: E402
 
 
 class Terminal(io.StringIO):
@@ -51,7 +53,23 @@ def prepare_data(tmp_path):
     prepare_common.prepare(iter(documents), str(out), source="t", shard_size=64, val_tokens=10)
 
 
-@pytest.mark.parametrize("tool", [eval_length_positions, load_pretrained_folder, lm_eval_adapter, prepare_data],
+def train_tiny(tmp_path):
+    """The training loop's bar (and its evaluation bars), a fresh out_dir each time."""
+    data = tmp_path / "shards"
+    if not data.exists():
+        data.mkdir()
+        tokens = np.arange(2000) % 256
+        write_shard(str(data / "train_000000.bin"), tokens)
+        write_shard(str(data / "val_000000.bin"), tokens[:500])
+    out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+    train_adam_finewebedu.main([f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--compile=False",
+                                "--n_layer=1", "--n_head=2", "--n_embd=32", "--head_dim=16", "--vocab_size=256",
+                                "--block_size=16", "--batch_size=2", "--max_iters=3", "--eval_interval=3",
+                                "--eval_iters=1", "--warmup_iters=1", "--log_interval=1"])
+
+
+@pytest.mark.parametrize("tool", [eval_length_positions, load_pretrained_folder, lm_eval_adapter, prepare_data,
+                                  train_tiny],
                          ids=lambda f: f.__name__)
 def test_progress_bars_are_drawn_on_a_terminal_only(tool, tmp_path, monkeypatch):
     drawn = {}
