@@ -6,7 +6,8 @@ attention layer on a small random batch (its own weights and encoding, the model
 dtype) through each fast backend the model will use (flex, triton, sdpa: whatever ``auto`` or
 ``attn_backend`` resolves to for its encoding on this device) and through the dense reference,
 and compares the output and the gradients of the input and of every parameter of the layer.
-The named fallback is compared as well, so the advice the error gives is itself checked.
+When a backend disagrees, its named fallback is compared too before the error is raised, so the
+advice the error gives is itself checked.
 
 Tolerance: each compared tensor's relative error ||fast - dense|| / ||dense|| must stay below
 TOLERANCE_UNITS unit roundoffs of the dtype the kernels compute in (bfloat16 2^-8, float16
