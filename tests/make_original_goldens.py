@@ -18,7 +18,7 @@ It writes, under tests/golden/original/:
   initial values of its deterministically initialised parameters;
 - ``configs.json``: every config/*.py of the original resolved the way its training script
   resolves it (defaults, configurator.py, then seeds), and the model_args it passes to GPTConfig;
-- ``checkpoints/<model_type>/``: three tiny save_pretrained folders as the original writes them
+- ``checkpoints/<model_type>/``: two tiny save_pretrained folders as the original writes them
   (config.json + pytorch_model.bin) with the logits the original computes from them.
 
 Running the original on CPU with this repository's packages (torch 2.13, transformers 5, triton 3;

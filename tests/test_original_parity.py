@@ -17,6 +17,7 @@ wrong sign or a wrong decay group, lr·wd·|p| ≥ 5e-5 for every decayed entry,
 """
 import glob
 import os
+import runpy
 import sys
 
 import pytest
@@ -150,6 +151,18 @@ def test_original_checkpoint_folder_loads_with_its_logits(folder, tmp_path):
     model.save_pretrained(tmp_path / "converted")
     again = GPT.from_pretrained(tmp_path / "converted")
     torch.testing.assert_close(again(expected["idx"])[0], expected["logits"], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_conversion_command_writes_a_folder_with_the_originals_logits(tmp_path, monkeypatch, capsys):
+    """``python original_checkpoint.py FOLDER OUT --model_type T``, as README gives it."""
+    folder = os.path.join(GOLDEN_DIR, "checkpoints", "llama-mha-rope")
+    expected = torch.load(os.path.join(folder, "expected_logits.pt"), weights_only=True)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "original_checkpoint.py")
+    monkeypatch.setattr(sys, "argv", [script, folder, str(tmp_path / "out"), "--model_type", "llama-mha-rope"])
+    runpy.run_path(script, run_name="__main__")
+    assert "-> " + str(tmp_path / "out") in capsys.readouterr().out
+    converted = GPT.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(converted(expected["idx"])[0], expected["logits"], atol=LOGITS_ATOL, rtol=0)
 
 
 def test_rope_folder_without_model_type_is_refused_with_the_reason():
