@@ -72,6 +72,13 @@ def test_finite_blow_up_never_overwrites_the_best_checkpoint(data_dir, tmp_path)
     assert best["iter_num"] == best_iter == 4 and latest["iter_num"] == 8
     assert val_loss_of(os.path.join(out, "best.pt"), data_dir) == pytest.approx(val[best_iter], rel=1e-5)
     assert val_loss_of(os.path.join(out, "ckpt.pt"), data_dir) == pytest.approx(val[8], rel=1e-5)
+    # the best weights are a training state too: a new run continues from best.pt at its iteration
+    again = str(tmp_path / "from_best")
+    main(tiny(data_dir, again, *constant, "--max_iters=6", "--init_from=resume", f"--resume_dir={out}/best.pt"))
+    trained = sorted(train_losses(again))
+    assert trained[0] == 5 and trained[-1] == 6
+    val_again = {r["iter"]: r["val_loss"] for r in read_log(again) if "val_loss" in r}
+    assert val_again[6] < 2 * val[4] < val[8]                  # back on course, far from the blow-up
 
 
 @pytest.fixture
