@@ -206,6 +206,33 @@ def test_lm_eval_hf_model_on_the_folder_gives_the_adapters_numbers(tiny_checkpoi
             assert value == (pytest.approx(want, rel=1e-5) if isinstance(want, float) else want), key
 
 
+def test_block_size_evaluates_beyond_the_training_context_in_both_models(tiny_checkpoint, local_task, grape_cli_results,
+                                                                          run_without_repository, tmp_path, monkeypatch):
+    """README: `block_size=` in --model_args works with lm_eval's hf model (it passes unknown
+    model_args to from_pretrained) and with the adapter. At 128 tokens the long rolling document
+    (more than the 64 trained) is read in fewer windows: its loglikelihood changes, the short ones
+    do not, and both models agree."""
+    folder, _ = tiny_checkpoint
+    args = ["--tasks", "grape_tiny_rolling", "--include_path", local_task, "--batch_size", "3", "--device", "cpu",
+            "--log_samples"]
+    run_without_repository(LM_EVAL_HF_CLI, "--model", "hf", "--model_args",
+                           f"pretrained={folder},trust_remote_code=True,block_size=128", *args,
+                           "--output_path", str(tmp_path / "hf"))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
+    monkeypatch.setattr(sys, "argv", ["lm_eval_grape.py", "--model", "grape", "--model_args",
+                                      f"pretrained={folder},block_size=128", *args,
+                                      "--output_path", str(tmp_path / "grape")])
+    runpy.run_path(os.path.join(HARNESS, "lm_eval_grape.py"), run_name="__main__")
+    def per_document(samples):                                      # one rolling loglikelihood each
+        return [ll for s in samples["grape_tiny_rolling"] for ll in loglikelihoods(s)]
+    hf = per_document(read_results(str(tmp_path / "hf"))[0])
+    grape = per_document(read_results(str(tmp_path / "grape"))[0])
+    at_64 = per_document(grape_cli_results[0])
+    assert len(hf) == len(ROLLING_DOCS) and hf == pytest.approx(grape, abs=1e-4)
+    assert hf[:2] == pytest.approx(at_64[:2], abs=1e-4)              # short documents: one window either way
+    assert abs(hf[2] - at_64[2]) > 1e-3                             # the long one: the longer context counts
+
+
 def make_instance(request_type, arguments, idx=0):
     from lm_eval.api.instance import Instance
     return Instance(request_type=request_type, doc={}, arguments=arguments, idx=idx)
