@@ -29,6 +29,10 @@ def exit_message(argv) -> str:
     return exit_info.value.code
 
 
+def val_losses(out_dir) -> dict:
+    return {r["iter"]: r["val_loss"] for r in read_log(out_dir) if "val_loss" in r}
+
+
 def all_finite(state: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state.values())
 
@@ -65,7 +69,7 @@ def test_finite_blow_up_never_overwrites_the_best_checkpoint(data_dir, tmp_path)
     # while the latest is the best, best.pt is a hard link to ckpt.pt: no second copy on disk
     assert os.path.samefile(os.path.join(out, "best.pt"), os.path.join(out, "ckpt.pt"))
     main(tiny(data_dir, out, *constant, "--max_iters=8", "--learning_rate=10", "--init_from=resume"))
-    val = {r["iter"]: r["val_loss"] for r in read_log(out) if "val_loss" in r}
+    val = val_losses(out)
     assert max(val[6], val[8]) > 100 * min(val[2], val[4])          # lr=10: the loss blew up, finitely
     best_iter = min((2, 4, 6, 8), key=val.get)
     best, latest = checkpoint.load_checkpoint(os.path.join(out, "best.pt")), checkpoint.load_checkpoint(out)
@@ -77,8 +81,7 @@ def test_finite_blow_up_never_overwrites_the_best_checkpoint(data_dir, tmp_path)
     main(tiny(data_dir, again, *constant, "--max_iters=6", "--init_from=resume", f"--resume_dir={out}/best.pt"))
     trained = sorted(train_losses(again))
     assert trained[0] == 5 and trained[-1] == 6
-    val_again = {r["iter"]: r["val_loss"] for r in read_log(again) if "val_loss" in r}
-    assert val_again[6] < 2 * val[4] < val[8]                  # back on course, far from the blow-up
+    assert val_losses(again)[6] < 2 * val[4] < val[8]                  # back on course, far from the blow-up
 
 
 @pytest.fixture

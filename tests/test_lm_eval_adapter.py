@@ -136,20 +136,24 @@ def read_results(out_dir) -> tuple[dict, dict]:
 BOTH_TASKS = "grape_tiny_mc,grape_tiny_rolling"
 
 
-@pytest.fixture(scope="module")
-def grape_cli_results(tiny_checkpoint, local_task, tmp_path_factory):
-    """lm_eval's CLI with our adapter (--model grape) on both local tasks, samples logged."""
-    folder, _ = tiny_checkpoint
-    out = tmp_path_factory.mktemp("grape_results")
+def run_grape_cli(model_args: str, tasks: str, local_task: str, out) -> tuple[dict, dict]:
+    """lm_eval's CLI with our adapter (--model grape), samples logged; read_results of its output."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
         monkeypatch.setattr(sys, "argv", [
-            "lm_eval_grape.py", "--model", "grape", "--model_args", f"pretrained={folder}",
-            "--tasks", BOTH_TASKS, "--include_path", local_task, "--batch_size", "3",
+            "lm_eval_grape.py", "--model", "grape", "--model_args", model_args,
+            "--tasks", tasks, "--include_path", local_task, "--batch_size", "3",
             "--device", "cpu", "--output_path", str(out), "--log_samples",
         ])
         runpy.run_path(os.path.join(HARNESS, "lm_eval_grape.py"), run_name="__main__")
     return read_results(str(out))
+
+
+@pytest.fixture(scope="module")
+def grape_cli_results(tiny_checkpoint, local_task, tmp_path_factory):
+    """The adapter on both local tasks."""
+    folder, _ = tiny_checkpoint
+    return run_grape_cli(f"pretrained={folder}", BOTH_TASKS, local_task, tmp_path_factory.mktemp("grape_results"))
 
 
 def test_lm_eval_cli_loglikelihoods_equal_model_logprobs(tiny_checkpoint, grape_cli_results):
@@ -207,26 +211,22 @@ def test_lm_eval_hf_model_on_the_folder_gives_the_adapters_numbers(tiny_checkpoi
 
 
 def test_block_size_evaluates_beyond_the_training_context_in_both_models(tiny_checkpoint, local_task, grape_cli_results,
-                                                                          run_without_repository, tmp_path, monkeypatch):
+                                                                          run_without_repository, tmp_path):
     """README: `block_size=` in --model_args works with lm_eval's hf model (it passes unknown
     model_args to from_pretrained) and with the adapter. At 128 tokens the long rolling document
     (more than the 64 trained) is read in fewer windows: its loglikelihood changes, the short ones
     do not, and both models agree."""
     folder, _ = tiny_checkpoint
-    args = ["--tasks", "grape_tiny_rolling", "--include_path", local_task, "--batch_size", "3", "--device", "cpu",
-            "--log_samples"]
     run_without_repository(LM_EVAL_HF_CLI, "--model", "hf", "--model_args",
-                           f"pretrained={folder},trust_remote_code=True,block_size=128", *args,
-                           "--output_path", str(tmp_path / "hf"))
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
-    monkeypatch.setattr(sys, "argv", ["lm_eval_grape.py", "--model", "grape", "--model_args",
-                                      f"pretrained={folder},block_size=128", *args,
-                                      "--output_path", str(tmp_path / "grape")])
-    runpy.run_path(os.path.join(HARNESS, "lm_eval_grape.py"), run_name="__main__")
+                           f"pretrained={folder},trust_remote_code=True,block_size=128", "--tasks",
+                           "grape_tiny_rolling", "--include_path", local_task, "--batch_size", "3", "--device", "cpu",
+                           "--output_path", str(tmp_path / "hf"), "--log_samples")
+
     def per_document(samples):                                      # one rolling loglikelihood each
         return [ll for s in samples["grape_tiny_rolling"] for ll in loglikelihoods(s)]
     hf = per_document(read_results(str(tmp_path / "hf"))[0])
-    grape = per_document(read_results(str(tmp_path / "grape"))[0])
+    grape = per_document(run_grape_cli(f"pretrained={folder},block_size=128", "grape_tiny_rolling", local_task,
+                                       tmp_path / "grape")[0])
     at_64 = per_document(grape_cli_results[0])
     assert len(hf) == len(ROLLING_DOCS) and hf == pytest.approx(grape, abs=1e-4)
     assert hf[:2] == pytest.approx(at_64[:2], abs=1e-4)              # short documents: one window either way
