@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Pretraining launcher.
 #   bash pretrain.sh                                   # CPU demo: offline corpus + small GRAPE-AP model, a few minutes
-#   bash pretrain.sh config/train_llama_mha_rope_medium_adam_80g8.py [--key=value ...]
+#   bash pretrain.sh config/paper/train_llama_mha_rope_medium_adam_80g8.py [--key=value ...]
 #                                                      # torchrun on every local GPU (one process per GPU)
-#   bash pretrain.sh config/train_cpu_rope.py --max_iters=50   # any config; extra --key=value pass through
+#   bash pretrain.sh config/cpu/train_cpu_rope.py --max_iters=50   # any config; extra --key=value pass through
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,7 +13,7 @@ if [[ $# -eq 0 || "${1:-}" == --* ]]; then
         echo "preparing the offline corpus (data/pydoc) ..."
         python data/pydoc/prepare.py
     fi
-    exec python train_adam_finewebedu.py config/train_cpu_grape_ap.py "$@"
+    exec python train_adam_finewebedu.py config/cpu/train_cpu_grape_ap.py "$@"
 fi
 
 config="$1"

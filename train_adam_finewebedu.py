@@ -1,10 +1,10 @@
 """Pretrain a LLaMA-style GPT with AdamW; the positional encoding is a config choice.
 
 Single process (CPU or one GPU):
-    python train_adam_finewebedu.py config/train_cpu_grape_ap.py
+    python train_adam_finewebedu.py config/cpu/train_cpu_grape_ap.py
 DDP on all GPUs of a node:
     torchrun --standalone --nproc_per_node=8 train_adam_finewebedu.py \
-        config/train_llama_mha_rope_medium_adam_80g8.py --seed=42 --data_seed=42 --eval_seed=42
+        config/paper/train_llama_mha_rope_medium_adam_80g8.py --seed=42 --data_seed=42 --eval_seed=42
 Resume exactly where a run stopped (crash, SIGKILL, SIGTERM pre-emption):
     python train_adam_finewebedu.py config/... --init_from=resume
 
@@ -20,8 +20,6 @@ batch_size * gradient_accumulation_steps * WORLD_SIZE sequences of block_size to
 from __future__ import annotations
 
 import gc
-import json
-import math
 import os
 import random
 import signal
@@ -35,165 +33,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attention import backend_choices
-from backend_check import BackendMismatch, check_backends
-from checkpoint import CKPT_NAME, CheckpointError, checkpoint_path, clean_state_dict, load_checkpoint, save_checkpoint
-from configurator import ConfigError, configure, model_fields, types_of
-from divergence import NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss, nonfinite_parameters
-from model import GPT, GPTConfig
-from run_dir import OutDirError, claim_on_rank0
-from shards import ShardError
-
-# -----------------------------------------------------------------------------------------
-# Defaults. Model keys (n_layer, pos_encoding, p_head_dim, use_k_shift, ...) are GPTConfig's
-# fields and take GPTConfig's defaults, except the paper's medium size set here.
-TRAIN_DEFAULTS = dict(
-    # I/O
-    out_dir="out",
-    init_from="scratch",          # 'scratch' or 'resume' (from resume_dir, default out_dir)
-    resume_dir="",
-    overwrite_out_dir=False,      # start from scratch in an out_dir that holds a run (else refused)
-    eval_interval=1000,           # evaluate and checkpoint every this many iterations
-    log_interval=10,
-    eval_iters=200,               # validation batches per evaluation
-    eval_only=False,
-    always_save_checkpoint=True,  # else only when the validation loss improves
-    progress=True,                # tqdm bar when stderr is a terminal
-    # wandb
-    wandb_log=False,
-    wandb_project="grape",
-    wandb_run_name="",            # default: derived from model and out_dir
-    wandb_mode="",                # 'online', 'offline' (no network needed) or '' = wandb's default
-    # data: {data_path}/{dataset}/{train,val}_*.bin unless data_dir is given
-    data_path="data",
-    dataset="fineweb-edu/fineweb-edu100B",   # where data/fineweb-edu/prepare.py writes
-    data_dir="",
-    batch_size=20,                # micro-batch per rank
-    gradient_accumulation_steps=3,
-    data_rng_mode="stateless",    # 'stateless': batch = f(data_seed, rank, step, micro); 'stateful': RNG stream, checkpointed
-    seed=1337,                    # model init
-    data_seed=-1,                 # -1: the value of seed (as in the original)
-    eval_seed=-1,
-    # model
-    model_type="",                # the original repository's names, e.g. 'llama-mha-grape-ap-v1'
-    # optimizer (AdamW)
-    learning_rate=1e-3,
-    max_iters=25000,
-    weight_decay=0.01,
-    weight_decay_on="all_but_norms",   # the original's groups; 'matrices': >= 2-dim parameters only (GPT.optimizer_groups)
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,                # 0 disables clipping
-    decay_lr=True,                # cosine decay after linear warm-up; False: constant learning_rate
-    warmup_iters=2000,
-    lr_decay_iters=25000,         # default: max_iters
-    min_lr=3e-5,
-    schedule="cosine",
-    # divergence (non-finite loss or gradient norm); see divergence.py
-    on_divergence="stop",         # 'stop': exit 1, checkpoints untouched; 'rollback': last checkpoint, skip, lower lr
-    rollback_lr_factor=0.5,       # learning rate multiplier at each rollback
-    max_rollbacks=3,              # then stop
-    # system
-    device="auto",                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    dtype="bfloat16",             # autocast dtype on GPU: 'bfloat16', 'float16' (GradScaler) or 'float32'; CPU trains in float32
-    compile=True,                 # torch.compile the model
-    backend="auto",               # DDP backend: 'nccl' on GPU, 'gloo' on CPU
-    deterministic=False,          # deterministic kernels
-    bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware
-    check_backends=True,          # on CUDA, compare the fast attention backends with the dense reference first
-    gpu_peak_flops=0.0,           # for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
-    # sizing (sizing.py)
-    dry_run=False,                # print parameters, tokens/FLOPs per step, peak memory per GPU; then stop
-    gpu="",                       # dry run for a named GPU, e.g. 'h100' or '8xh100'; '' = the detected one
-)
-# the original training script's model defaults (its p_head_dim None means head_dim)
-MODEL_DEFAULT_OVERRIDES = dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096, p_head_dim=None)
-
-
-def defaults() -> tuple[dict, dict]:
-    """All keys with their default values, and the types each key accepts."""
-    fields = model_fields()
-    clash = set(fields) & set(TRAIN_DEFAULTS)
-    assert not clash, f"training keys shadow GPTConfig fields: {clash}"
-    values = {**TRAIN_DEFAULTS, **{k: d for k, (d, _) in fields.items()}, **MODEL_DEFAULT_OVERRIDES}
-    accepted = {**types_of(TRAIN_DEFAULTS), **{k: t for k, (_, t) in fields.items()}}
-    return values, accepted
-
-
-# bf16 dense tensor-core peak FLOP/s; the first matching name fragment wins
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-    ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-    ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-]
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
-
-
-def derive_defaults(cfg, explicit: set[str]) -> None:
-    """Defaults that follow other keys: lr_decay_iters is max_iters unless set."""
-    if "lr_decay_iters" not in explicit:
-        cfg.lr_decay_iters = cfg.max_iters
-
-
-def validate(cfg, explicit: set[str] = frozenset()) -> None:
-    """Values that type-check but cannot run."""
-    choices = dict(init_from=("scratch", "resume"), data_rng_mode=("stateless", "stateful"),
-                   dtype=("bfloat16", "float16", "float32"), backend=("auto", "nccl", "gloo"),
-                   schedule=("cosine",), weight_decay_on=GPT.WEIGHT_DECAY_POLICIES,
-                   on_divergence=("stop", "rollback"), attn_backend=backend_choices())
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
-    for key in ("batch_size", "gradient_accumulation_steps", "block_size", "eval_interval",
-                "log_interval", "eval_iters"):
-        if cfg[key] < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    # what AdamW and the schedule would refuse later, or silently misuse
-    for key in ("max_iters", "warmup_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip", "max_rollbacks"):
-        if cfg[key] < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {cfg[key]}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= cfg[key] < 1:
-            raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
-    if not 0 < cfg.rollback_lr_factor <= 1:
-        raise ConfigError(f"config key 'rollback_lr_factor' must be in (0, 1], got {cfg.rollback_lr_factor}")
-    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters and not cfg.eval_only and cfg.max_iters > 0:
-        source = "" if "lr_decay_iters" in explicit else ", from max_iters"
-        raise ConfigError(f"config key 'lr_decay_iters' ({cfg.lr_decay_iters}{source}) must exceed "
-                          f"'warmup_iters' ({cfg.warmup_iters})")
-
-
-def model_config_from(values: dict) -> GPTConfig:
-    """GPTConfig(**values); a setting the model cannot run with is a ConfigError."""
-    try:
-        return GPTConfig(**values)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def get_lr(it: int, cfg) -> float:
-    """Linear warm-up to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def flops_per_token(model: GPT) -> float:
-    """nanoGPT's estimate (PaLM appendix B): 6N for the matmuls + 12·L·C·T for attention."""
-    c = model.config
-    return 6 * model.num_parameters_unique() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-
+from model import GPT
+from training.backend_check import BackendMismatch, check_backends
+from training.checkpoint import CKPT_NAME, CheckpointError, checkpoint_path, clean_state_dict, load_checkpoint, save_checkpoint
+from training.configurator import ConfigError, configure, model_fields
+from training.divergence import NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss, nonfinite_parameters
+from training.run_dir import OutDirError, claim_on_rank0
+from training.runlog import JsonlLog
+from training.settings import defaults, derive_defaults, get_lr, model_config_from, validate
+from training.shards import ShardError
+from training.sizing import gpu_peak_flops
 
 def rank_state(train_batches) -> dict:
     """Everything random that belongs to one rank, for exact resumption."""
@@ -231,17 +80,6 @@ def restore_training_state(ckpt: dict, raw_model: GPT, optimizer, scaler, train_
     return ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
 
 
-class JsonlLog:
-    """out_dir/log.jsonl, one JSON object per line, appended (a resume keeps the history)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def write(self, **record) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def main(argv=None) -> dict:
     """Train; returns iter_num, val_loss, best_val_loss, out_dir and the model."""
     with ExitStack() as on_exit:          # releases the out_dir lock however the run ends
@@ -255,11 +93,11 @@ def train(argv, on_exit: ExitStack) -> dict:
     derive_defaults(cfg, explicit)
     validate(cfg, explicit)
     if cfg.dry_run:                     # size the run and stop: no device, data or out_dir is touched
-        from sizing import dry_run
+        from training.sizing import dry_run
         text, estimate, _ = dry_run(cfg)
         print(text)
         return {"dry_run": estimate}
-    from dataloader import TokenBatches   # imported late: the data module is optional for --help-like uses
+    from training.dataloader import TokenBatches   # imported late: the data module is optional for --help-like uses
 
     # -- processes and devices ------------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -504,7 +342,7 @@ def train(argv, on_exit: ExitStack) -> dict:
                                    mode=cfg.wandb_mode or None, id=wandb_id, resume="allow")
             wandb_id = wandb_run.id
     peak = cfg.gpu_peak_flops or gpu_peak_flops(device)
-    flops_per_iter_rank = flops_per_token(raw_model) * B * T * accum
+    flops_per_iter_rank = raw_model.flops_per_token() * B * T * accum
 
     # -- SIGTERM (cluster pre-emption): checkpoint at the next step boundary, exit 0 ---------
     stop = {"requested": False}

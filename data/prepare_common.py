@@ -32,11 +32,11 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the prepare scripts run from data/<name>/, shards.py lives at the root
+if ROOT not in sys.path:  # the prepare scripts run from data/<name>/; training/ lives at the root
     sys.path.insert(0, ROOT)
 
-from shards import list_shards, read_shard, write_shard  # noqa: E402
-from tokenizer import EOT, gpt2_encoding  # noqa: E402
+from training.shards import list_shards, read_shard, write_shard  # noqa: E402
+from training.tokenizer import EOT, gpt2_encoding  # noqa: E402
 
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 STATE_FILE = "prepare_state.json"

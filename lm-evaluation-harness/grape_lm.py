@@ -7,7 +7,7 @@ Importing this module registers the model name ``grape`` with the real ``lm_eval
         --model_args pretrained=out-shakespeare --tasks arc_easy --batch_size 16
 
 or, from Python, ``lm_eval.simple_evaluate(model="grape", model_args="pretrained=...")``
-works. ``pretrained`` is anything ``GPT.load`` reads: a ``save_pretrained`` folder, a training
+works. ``pretrained`` is anything ``training.checkpoint.load_model`` reads: a ``save_pretrained`` folder, a training
 out_dir holding ``ckpt.pt``, or the ``ckpt.pt`` file itself.
 
 Batching follows lm_eval's own HF model: requests sorted by length (longest first),
@@ -37,7 +37,8 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
                                   postprocess_generated_text)
 
 from model import GPT  # noqa: E402
-from tokenizer import EOT, gpt2_encoding  # noqa: E402
+from training.checkpoint import load_model  # noqa: E402
+from training.tokenizer import EOT, gpt2_encoding  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class GrapeLM(TemplateLM):
             model = pretrained
         else:
             overrides = {"block_size": int(block_size)} if block_size else {}
-            model = GPT.load(str(pretrained), **overrides)
+            model = load_model(str(pretrained), **overrides)
         self.model = model.to(self._device).eval()
         if dtype not in DTYPES:
             raise ValueError(f"grape: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

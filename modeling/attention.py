@@ -1,22 +1,32 @@
 """Causal attention with an optional additive bias: the dispatcher over the backends.
 
+Tensor shapes, here and in every module of this package and in ``grape.py``:
+
+    B   batch                         H   heads            D   head width (head_dim)
+    T   tokens of a training sequence  Tq  queries          Tk  keys (Tk >= Tq: cached keys first)
+    C   model width (n_embd)           V   vocabulary       dp  GRAPE-AP probe width (p_head_dim)
+
+q, k, v are (B, H, T|Tq|Tk, D); a bias is a description of the (B, H, Tq, Tk) logit offsets
+(``bias.py``), never that tensor; the attention output is (B, H, Tq, D). The Tq queries are
+the last Tq of the Tk key positions.
+
 ``attend(q, k, v, bias, backend)`` is the only entry point the model uses. ``bias`` is
-None (multiplicative encodings, NoPE) or a ``grape.Bias`` description. Queries are the last
+None (multiplicative encodings, NoPE) or a ``bias.Bias`` description. Queries are the last
 Tq of the Tk key positions (Tq == Tk in training; Tq < Tk while decoding with a cache).
 
-- ``dense`` (attention_common.py): the reference. Builds the full (B, H, Tq, Tk) logits,
+- ``dense`` (dense.py): the reference. Builds the full (B, H, Tq, Tk) logits,
   bias and mask. Tests compare every other path against it; it is also the cheapest path
   for tiny shapes.
 - ``sdpa``: ``F.scaled_dot_product_attention`` (FlashAttention on GPU) when there is no bias.
-- ``chunked`` (attention_chunked.py): plain PyTorch, linear memory, any device, any Bias;
+- ``chunked`` (chunked.py): plain PyTorch, linear memory, any device, any Bias;
   the CPU training path for every additive bias.
-- ``flex`` (attention_flex.py): ``flex_attention`` with the bias's ``score_mod`` (GPU).
+- ``flex`` (flex.py): ``flex_attention`` with the bias's ``score_mod`` (GPU).
 - ``triton`` (grape_ap_triton.py): the GRAPE-AP kernel (GPU, or ``TRITON_INTERPRET=1``).
 Backends that cannot serve a case (flex with a bias that has no score_mod, decoding with
 Tq < Tk in the compiled kernels) hand it to the chunked path, which serves everything.
 ``auto`` picks with ``choose_backend``; it never picks a T² path for long sequences.
 
-The backends import only attention_common.py and grape.py; this module imports them (flex
+The backends import only dense.py and bias.py; this module imports them (flex
 and triton lazily: they pull in compilers that a CPU run never needs).
 """
 from __future__ import annotations
@@ -28,16 +38,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from attention_chunked import chunked_attention
-from attention_common import causal_mask, dense_attention, dense_logits, sdpa_attention  # noqa: F401
-from grape import PathIntegralBias
+from .chunked import chunked_attention
+from .dense import causal_mask, dense_attention, dense_logits, sdpa_attention  # noqa: F401
+from .bias import PathIntegralBias
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
     score_mod = bias.score_mod(q.shape[0], q.shape[1]) if q.shape[2] == k.shape[2] else None
     if score_mod is None:
         return chunked_attention(q, k, v, bias)
-    from attention_flex import flex_attention as run_flex     # imported lazily: compiles with inductor
+    from .flex import flex_attention as run_flex     # imported lazily: compiles with inductor
     return run_flex(q, k, v, score_mod)
 
 
@@ -45,7 +55,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
     """GRAPE-AP kernel for training shapes; everything else goes where it runs best."""
     if type(bias) is not PathIntegralBias or q.shape[2] != k.shape[2]:
         return chunked_attention(q, k, v, bias)
-    from grape_ap_triton import grape_ap_triton_attention    # imported lazily: needs triton
+    from .grape_ap_triton import grape_ap_triton_attention    # imported lazily: needs triton
     return grape_ap_triton_attention(*autocast_operands(q, k, v), bias)
 
 
@@ -88,7 +98,7 @@ def choose_backend(q: Tensor, bias, device_type: Optional[str] = None) -> str:
     n_queries, n_keys = q.shape[2], bias.n_keys
     if device_type == "cuda" and n_queries == n_keys:
         if type(bias) is PathIntegralBias:
-            return "triton" if _have_module("triton") and _have_module("grape_ap_triton") else "chunked"
+            return "triton" if _have_module("triton") and _have_module(".grape_ap_triton") else "chunked"
         return "flex"
     if device_type == "cpu" and n_keys < CPU_DENSE_MAX_KEYS:
         return "dense"
@@ -97,8 +107,10 @@ def choose_backend(q: Tensor, bias, device_type: Optional[str] = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _have_module(name: str) -> bool:
+    """Whether ``name`` can be imported; '.x' is a sibling module, found the same way in the
+    repository (package ``modeling``) and in a checkpoint folder run as remote code."""
     import importlib.util
-    return importlib.util.find_spec(name) is not None
+    return importlib.util.find_spec(name, package=__package__) is not None
 
 
 _denormals = threading.local()

@@ -1,7 +1,7 @@
 """Linear-memory attention with an additive bias, in plain PyTorch (the CPU training path).
 
 Nothing here builds a (B, H, Tq, Tk) tensor; activation memory is linear in T. Any
-``grape.Bias`` runs through ``tiled_attention``; the two bias types of the paper have faster
+``bias.Bias`` runs through ``tiled_attention``; the two bias types of the paper have faster
 special paths. Every path is exactly causal: the output of query t reads no value of a later
 position, not even through rounding, so changing later tokens changes no bit of it.
 
@@ -32,7 +32,7 @@ value. Precision: the dot product rounds at the size of its terms, about |sq|·(
 or the range of FoX's sums over a block for the near keys (|sk|·T/2 for the sk term), where
 the dense path rounds each b(t, j) on its own. Largest float32 output error against a float64
 dense reference at T = 4096 (B = 1, H = 4, D = 64, v ~ N(0, 1); parameters at init / all
-perturbed; ``python bench_attention.py --precision --T 4096``):
+perturbed; ``python -m scripts.bench_attention --precision --T 4096``):
 
     ALiBi 1.0e-5, FoX 3.2e-5 / 1.9e-4, GRAPE-A-q 4.7e-6 / 5.5e-6,
     GRAPE-A-k 2.6e-5 / 3.3e-5, GRAPE-A-qk 3.1e-5 / 3.5e-5   (dense float32: ~1e-6)
@@ -61,15 +61,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from attention_common import causal_mask, causal_sdpa
-from grape import Bias, PathIntegralBias, SeparableBias
+from .dense import causal_mask, causal_sdpa
+from .bias import Bias, PathIntegralBias, SeparableBias
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias=None, block: Optional[int] = None) -> Tensor:
     if bias is None:
         return causal_sdpa(q, k, v)
     if not isinstance(bias, Bias):
-        raise TypeError(f"the chunked backend evaluates a grape.Bias, got {type(bias).__name__}")
+        raise TypeError(f"the chunked backend evaluates a Bias, got {type(bias).__name__}")
     if (bias.n_queries, bias.n_keys) != (q.shape[2], k.shape[2]):
         raise ValueError(f"{type(bias).__name__} covers {bias.n_queries} queries x {bias.n_keys} keys, "
                          f"attention has {q.shape[2]} x {k.shape[2]}")

@@ -2,7 +2,7 @@
 reference path.
 
 Queries are the last Tq of the Tk key positions (Tq == Tk in training; Tq < Tk while
-decoding with a cache). ``bias`` is None or a ``grape.Bias``.
+decoding with a cache). ``bias`` is None or a ``bias.Bias``.
 """
 from __future__ import annotations
 

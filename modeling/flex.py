@@ -2,7 +2,7 @@
 ``score_mod``).
 
 The bias is evaluated inside the fused kernel by the ``score_mod`` the bias description
-provides (``grape.Bias.score_mod``); FlexAttention differentiates through the tensors it
+provides (``bias.Bias.score_mod``); FlexAttention differentiates through the tensors it
 captures, so gradients reach the encoding's gates. A causal ``BlockMask`` (cached per shape
 and device) lets the kernel skip the blocks above the diagonal. Nothing of size
 (B, H, T, T) is built.

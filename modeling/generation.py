@@ -1,6 +1,6 @@
 """Streaming decoding: the nanoGPT sampling loop and the glue for ``transformers``' ``generate()``.
 
-Every layer keeps a ``grape.LayerCache`` with exactly what its encoding needs to continue
+Every layer keeps a ``cache.LayerCache`` with exactly what its encoding needs to continue
 (rotated keys k̃_j = G(j) k_j and values; key gates for GRAPE-A; running log-forget sums for
 FoX; rotated probes R_ℓ p̂_ℓ for GRAPE-AP; the running phase for GRAPE-M-ctx; the previous
 k/v projection for KV-shift). A prompt is prefilled in one pass (or in chunks), then one token
@@ -22,7 +22,7 @@ from transformers import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from grape import LayerCache
+from .cache import LayerCache
 
 
 class StreamingCache:

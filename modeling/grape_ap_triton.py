@@ -66,7 +66,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Every triton import in one try block: only the triton backend imports this module, and
-# transformers' import check of the remote code that checkpoint folders carry (hf_checkpoint.py)
+# transformers' import check of the remote code that checkpoint folders carry (modeling/shipping.py)
 # treats imports inside a try as optional, so a folder loads where triton is not installed.
 try:
     import triton                      # noqa: E402  (after the interpreter switch above)
@@ -567,9 +567,9 @@ def grape_ap_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, r: Tensor, sl
 
 
 def grape_ap_triton_attention(q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
-    """Backend entry point: ``bias`` is a ``grape.PathIntegralBias``; same result as
-    ``attention_common.dense_attention(q, k, v, bias)``."""
-    from grape import PathIntegralBias
+    """Backend entry point: ``bias`` is a ``bias.PathIntegralBias``; same result as
+    ``dense.dense_attention(q, k, v, bias)``."""
+    from .bias import PathIntegralBias
     if not isinstance(bias, PathIntegralBias):
         raise TypeError(f"grape_ap_triton: bias must be a PathIntegralBias, got {type(bias).__name__}")
     if (bias.n_queries, bias.n_keys) != (q.shape[2], k.shape[2]):

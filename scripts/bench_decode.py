@@ -1,9 +1,9 @@
 """Decode speed with the KV cache vs full recomputation, for every encoding (a benchmark, not a test).
 
-    python bench_decode.py                         # context 1024: prompt 1000, then 24 new tokens
-    python bench_decode.py --write                 # also put the table in BENCHMARKS.md "## Decoding"
-    python bench_decode.py --encodings=rope,fox --device=cuda
-    python bench_decode.py --family --write        # the rest of the GRAPE family, own section
+    python -m scripts.bench_decode                         # context 1024: prompt 1000, then 24 new tokens
+    python -m scripts.bench_decode --write                 # also put the table in results/BENCHMARKS.md "## Decoding"
+    python -m scripts.bench_decode --encodings=rope,fox --device=cuda
+    python -m scripts.bench_decode --family --write        # the rest of the GRAPE family, own section
 
 Grid encodings run on a grid of rows of 32 tokens (context // 32, 32).
 
@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import sys
 import time
 
 import torch
 
-from generation import next_token
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
+from modeling.generation import next_token
+from scripts.bench_common import BENCHMARKS, machine_description, write_section
 
 SECTION = "## Decoding"
 FAMILY_SECTION = "## Decoding: the rest of the GRAPE family"
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--attn_backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    p.add_argument("--write", action="store_true", help="write the table into results/BENCHMARKS.md")
     p.add_argument("--family", action="store_true", help=f"the encodings {FAMILY}, in their own section")
     return p.parse_args(argv)
 
@@ -86,14 +85,6 @@ def decode_recompute(model, prompt, n, device):
     return seq[:, prompt.shape[1]:], time.perf_counter() - t0
 
 
-def machine(device) -> str:
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    return (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} thread(s)")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -126,7 +117,7 @@ def main(argv=None):
         rows.append(row)
         print(row, flush=True)
 
-    command = "python bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m scripts.bench_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (f"{section}\n\n"
             f"Greedy decoding of {args.new_tokens} tokens after a {prompt_len}-token prompt (context "
             f"{args.context}), batch {args.batch_size}, random model with {args.n_layer} layers, {args.n_head} heads, "
@@ -136,23 +127,12 @@ def main(argv=None):
             "whole sequence (no cache). Both in one run, same process; *same tokens*: the two greedy "
             "outputs agree. Absolute numbers move between runs on a small CPU; compare within a row. "
             "The lm_head (vocab 50304) dominates a cached step of a model this small.\n\n"
-            f"Machine: {machine(args.device)}.  \nCommand: `{command.strip()}`\n\n"
+            f"Machine: {machine_description(args.device)}.  \nCommand: `{command.strip()}`\n\n"
             + header + "\n" + "\n".join(rows) + "\n")
     if args.write:
-        write_section("BENCHMARKS.md", text, section)
-        print(f"wrote {section} in BENCHMARKS.md")
+        write_section(BENCHMARKS, text)
+        print(f"wrote {section} in {os.path.relpath(BENCHMARKS)}")
     return rows
-
-
-def write_section(path: str, text: str, section: str = SECTION) -> None:
-    """Replace (or append) our section, leaving the other sections as they are."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

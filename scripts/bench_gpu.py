@@ -1,9 +1,9 @@
 """The GPU figures in one command: CUDA tests, attention benchmark, compiled training runs and
-a 2-GPU torchrun with NCCL; the tables go into BENCHMARKS.md under the GPU's name.
+a 2-GPU torchrun with NCCL; the tables go into results/BENCHMARKS.md under the GPU's name.
 
-    python bench_gpu.py                                   # every stage
-    python bench_gpu.py --stages attention training       # some of them
-    python bench_gpu.py --device cpu --smoke --out /tmp/gpu.md   # every stage at toy size (CI)
+    python -m scripts.bench_gpu                                   # every stage
+    python -m scripts.bench_gpu --stages attention training       # some of them
+    python -m scripts.bench_gpu --device cpu --smoke --out /tmp/gpu.md   # every stage at toy size (CI)
 
 Stages run one after the other and each on its own: a stage that fails is reported and the
 next one still runs; each stage writes its section as soon as it is done; the exit status is
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 import shutil
@@ -37,7 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from scripts.bench_common import BENCHMARKS
+from training.runlog import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 STAGES = ("tests", "attention", "training", "ddp")
 TIME_TARGETS = {"separable": 1.2, "separable_gated": 1.2, "path_integral": 2.0}   # x RoPE's step time
 MEMORY_TARGET = 1.5                                                             # x RoPE's peak memory
@@ -87,7 +89,7 @@ def no_gpu_message() -> str:
         why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check nvidia-smi "
                f"and CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!r}")
     return (f"bench_gpu.py needs a CUDA GPU: {why}.\n"
-            "To run every stage at toy size on CPU (what CI does): python bench_gpu.py --device cpu --smoke")
+            "To run every stage at toy size on CPU (what CI does): python -m scripts.bench_gpu --device cpu --smoke")
 
 
 def parse_args(argv=None):
@@ -101,14 +103,14 @@ def parse_args(argv=None):
                     help="default: every encoding (smoke: rope, alibi, grape_ap)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths of the attention stage")
     ap.add_argument("--out", default=None,
-                    help="markdown file for the tables (default BENCHMARKS.md; with --smoke: none)")
+                    help="markdown file for the tables (default results/BENCHMARKS.md; with --smoke: none)")
     args = ap.parse_args(argv)
     if args.device == "cpu" and not args.smoke:
         ap.error("--device cpu runs only with --smoke: the GPU figures need a GPU")
     if args.T is not None and min(args.T) < 2:
         ap.error(f"--T must be at least 2, got {args.T}")
     if args.out is None:
-        args.out = "" if args.smoke else os.path.join(ROOT, "BENCHMARKS.md")
+        args.out = "" if args.smoke else BENCHMARKS
     if args.encodings is None:
         args.encodings = ["rope", "alibi", "grape_ap"] if args.smoke else list(ENCODINGS)
     args.encodings = list(dict.fromkeys(["rope", *args.encodings]))     # RoPE is the yardstick
@@ -126,7 +128,7 @@ def section_head(stage: str, args) -> str:
 
 
 def machine_line(args) -> str:
-    from bench_attention import machine_description
+    from scripts.bench_common import machine_description
     line = machine_description(args.device)
     if args.device == "cuda":
         line += f", {torch.cuda.device_count()} GPU(s), CUDA {torch.version.cuda}"
@@ -172,7 +174,7 @@ def bias_kind_of(encoding: str) -> str:
     meta tensors and look at the bias it returns."""
     from grape import build_encoding
     from model import GPTConfig
-    from sizing import bias_kind
+    from training.sizing import bias_kind
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, pos_encoding=encoding)
     with torch.device("meta"):
         enc = build_encoding(config)
@@ -192,7 +194,7 @@ def verdict(value, limit) -> str:
 
 def attention_rows(results: dict, what: str, Ts, encodings, target_T: int):
     """Table rows, and the list of (encoding, what, 'time'|'memory', passed) at target_T."""
-    from bench_attention import fmt, measured_rows
+    from scripts.bench_common import fmt, measured_rows
     ok = lambda r: r is not None and "error" not in r
     rows, checks = [], []
     for T, enc, a, d, rope in measured_rows(results, what, Ts, encodings):
@@ -245,7 +247,7 @@ def attention_section(results, args, size: Sizes, Ts, elapsed) -> tuple[str, lis
 
 
 def stage_attention(args, size: Sizes):
-    from bench_attention import run_config
+    from scripts.bench_common import run_config
     Ts = args.T or size.T
     dtype = "bfloat16"
     results, t0, errors = {}, time.time(), 0
@@ -277,7 +279,7 @@ def stage_attention(args, size: Sizes):
 def write_random_shards(folder: str, vocab_size: int, n_tokens: int) -> str:
     """Random tokens: throughput does not depend on the text."""
     import numpy as np
-    from shards import write_shard
+    from training.shards import write_shard
     rng = np.random.default_rng(0)
     top = min(vocab_size, 50257)
     write_shard(os.path.join(folder, "train_000000.bin"), rng.integers(0, top, n_tokens, dtype=np.uint16))
@@ -295,10 +297,7 @@ def train_argv(size: Sizes, args, data_dir: str, out_dir: str, encoding: str, **
 
 def read_log(out_dir: str) -> list:
     path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path) if os.path.exists(path) else []
 
 
 def stage_training(args, size: Sizes):
@@ -393,7 +392,7 @@ def stage_ddp(args, size: Sizes):
 # ----------------------------------------------------------------------------------------
 
 def write_section(path: str, section: str) -> None:
-    from bench_attention import write_section as replace_or_append
+    from scripts.bench_common import write_section as replace_or_append
     replace_or_append(path, section)
 
 

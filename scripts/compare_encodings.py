@@ -1,8 +1,8 @@
 """Compare positional encodings on equal terms, with several seeds, and write RESULTS.md.
 
-    python compare_encodings.py config/compare_cpu.py --encodings all --seeds 3
-    python compare_encodings.py config/compare_cpu.py --encodings rope,grape_ap --seeds 1 --max_iters=50
-    python compare_encodings.py config/train_paper_medium.py --encodings rope,alibi,fox,grape_ap \
+    python -m scripts.compare_encodings config/cpu/compare_cpu.py --encodings all --seeds 3
+    python -m scripts.compare_encodings config/cpu/compare_cpu.py --encodings rope,grape_ap --seeds 1 --max_iters=50
+    python -m scripts.compare_encodings config/paper/train_paper_medium.py --encodings rope,alibi,fox,grape_ap \
         --seeds 1 --nproc_per_node 8 --out_root out/compare-medium
 
 Every run is the real training script with one base config, the same for every encoding:
@@ -28,7 +28,7 @@ same batches in the same order, and the spread over i covers both sources of run
 variation. eval_seed stays the config's: every run is validated on the same batches.
 Runs go seed by seed (every encoding's seed 0 first), so a partial comparison is balanced.
 
-After training, each final checkpoint is evaluated by eval_length.py at 1x, 2x and 4x the
+After training, each final checkpoint is evaluated by scripts/eval_length.py at 1x, 2x and 4x the
 training context. Throughput is the median of the tokens/s the run logged; wall time is the
 driver's clock around training and evaluation.
 
@@ -38,8 +38,8 @@ checkpoint (it handles SIGTERM) and exits. A run that fails is recorded and the 
 the exit status is then non-zero and a re-run retries it. Re-running with other settings in
 the same --out_root is refused, naming the settings that differ.
 
-Writes <report_dir>/RESULTS.md and, under <report_dir>/results/, curves.png,
-loss_by_position.png and runs.csv (compare_report.py); rewritten after every finished run.
+Writes <report_dir>/RESULTS.md (default results/) and beside it curves.png,
+loss_by_position.png and runs.csv (training/report.py); rewritten after every finished run.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN_SCRIPT = os.path.join(HERE, "train_adam_finewebedu.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+TRAIN_SCRIPT = os.path.join(ROOT, "train_adam_finewebedu.py")
 # keys this script sets per run; passing them would break the comparison
 PER_RUN_KEYS = ("pos_encoding", "model_type", "seed", "data_seed", "out_dir", "init_from", "resume_dir")
 # keys that do not change what a run computes (a resume may change them)
@@ -145,8 +145,8 @@ def launcher(nproc_per_node: int) -> list[str]:
 def resolve(args: list[str], build_model_config: bool = False):
     """The training script's resolved config for these arguments (its own defaults and checks);
     with ``build_model_config`` also the model's checks (GPTConfig), which raise ValueError."""
-    from configurator import configure, model_fields
-    from train_adam_finewebedu import defaults, validate
+    from training.configurator import configure, model_fields
+    from training.settings import defaults, validate
     cfg, _ = configure(args, *defaults(), verbose=False)
     validate(cfg)
     if build_model_config:
@@ -183,7 +183,7 @@ def write_json(path: str, obj: dict) -> None:
 
 def checkpoint_iter(out_dir: str) -> int | None:
     """The iteration of out_dir's checkpoint, None without one (read without loading weights)."""
-    from checkpoint import CKPT_NAME
+    from training.checkpoint import CKPT_NAME
     path = os.path.join(out_dir, CKPT_NAME)
     if not os.path.exists(path):
         return None
@@ -192,7 +192,7 @@ def checkpoint_iter(out_dir: str) -> int | None:
 
 
 def last_val_iter(out_dir: str) -> int | None:
-    from compare_report import run_log
+    from training.report import run_log
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         return None
@@ -279,12 +279,11 @@ def train(run: Run, state: dict, cmd: list[str], max_iters: int, prefix: str) ->
 
 def evaluate(run: Run, multipliers: list[int], num_windows: int, batch_size: int, device: str) -> dict:
     """Loss by position of the final checkpoint at each context multiple (eval_length.py)."""
-    import eval_length
-    from checkpoint import hf_progress_bars_off
-    from model import GPT
+    from training import length_eval
+    from training.checkpoint import hf_progress_bars_off, load_model
     t0 = time.time()
     with hf_progress_bars_off():          # from_pretrained's per-load bar (restored afterwards)
-        results = eval_length.evaluate([run.out_dir], multipliers, num_windows, batch_size=batch_size,
+        results = length_eval.evaluate([run.out_dir], multipliers, num_windows, batch_size=batch_size,
                                        device=device, labels=[run.name])
     return {
         "multipliers": multipliers,
@@ -292,7 +291,7 @@ def evaluate(run: Run, multipliers: list[int], num_windows: int, batch_size: int
         "mean_loss": {str(r.multiplier): r.mean_loss for r in results},
         "position_loss": {str(r.multiplier): [round(float(v), 6) for v in r.position_loss] for r in results},
         "trained_context": results[0].trained,
-        "n_params": GPT.load(run.out_dir).num_parameters_unique(),
+        "n_params": load_model(run.out_dir).num_parameters_unique(),
         "wall_s": time.time() - t0,
     }
 
@@ -349,11 +348,11 @@ def fmt_duration(seconds: float) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Other --key=value options pass through to every training run.")
-    p.add_argument("config", nargs="?", default="config/compare_cpu.py", help="base training config (default %(default)s)")
+    p.add_argument("config", nargs="?", default="config/cpu/compare_cpu.py", help="base training config (default %(default)s)")
     p.add_argument("--encodings", default="all", help="'all' (every grape.ENCODINGS name) or a comma-separated list")
     p.add_argument("--seeds", type=int, default=3, help="runs per encoding (default %(default)s)")
     p.add_argument("--out_root", default="out-compare", help="runs go to <out_root>/<encoding>/seed<i> (default %(default)s)")
-    p.add_argument("--report_dir", default=".", help="where RESULTS.md and results/ are written (default: here)")
+    p.add_argument("--report_dir", default="results", help="where RESULTS.md and its figures are written (default %(default)s)")
     p.add_argument("--nproc_per_node", type=int, default=1, help="> 1: every run under torchrun with this many processes")
     p.add_argument("--multipliers", default="1,2,4", help="context multiples for eval_length (default %(default)s)")
     p.add_argument("--eval_windows", type=int, default=32, help="eval_length windows of the longest length (default %(default)s)")
@@ -392,8 +391,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts, config_args = parse_args(argv)
-    from configurator import ConfigError
-    import compare_report
+    from training.configurator import ConfigError
+    from training.report import write as write_report
 
     try:
         base = resolve(config_args)
@@ -420,7 +419,7 @@ def main(argv=None) -> int:
         settings[run.out_dir] = settings_of(resolve(args), opts.nproc_per_node)
 
     def report():
-        return compare_report.write(opts.report_dir, runs, settings, command=["python", "compare_encodings.py", *argv],
+        return write_report(opts.report_dir, runs, settings, command=["python", "-m", "scripts.compare_encodings", *argv],
                                     base=base, reference=opts.reference, note=opts.note,
                                     nproc_per_node=opts.nproc_per_node, skipped=skipped)
 

@@ -8,8 +8,8 @@ larger one (the same weights, a config with the larger grid): 1D RoPE learns "W 
 for the training width only, 2D GRAPE (grape_m_grid, grape_a_grid: coordinates from
 config.grid) sees the same offset vector at every size.
 
-    python examples/grid_next_patch.py                 # about a minute on 2 CPU cores
-    python examples/grid_next_patch.py --write         # also record the table in BENCHMARKS.md
+    python -m scripts.grid_next_patch                 # about a minute on 2 CPU cores
+    python -m scripts.grid_next_patch --write         # also record the table in results/BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig
+from scripts import bench_common
 
 COLOURS = 8
 ENCODINGS = ["rope", "grape_m_grid", "grape_a_grid", "grape_m_grid+grape_a_grid"]
@@ -99,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a model this small gains little from more)")
-    p.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    p.add_argument("--write", action="store_true", help="record the table in results/BENCHMARKS.md")
     return p.parse_args(argv)
 
 
@@ -125,9 +124,7 @@ def main(argv=None) -> list[dict]:
 
 def write_section(args, text: str) -> None:
     import platform
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "BENCHMARKS.md")
-    command = "python examples/grid_next_patch.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    command = "python -m scripts.grid_next_patch " + " ".join(a for a in sys.argv[1:] if a != "--write")
     body = (f"{SECTION}\n\nNext-pixel prediction on generated images of overlapping rectangles "
             f"({COLOURS} colours, raster order), 2 layers, 4 heads, n_embd {args.width}, {args.steps} AdamW steps "
             f"of {args.batch_size} images of {args.train_size}x{args.train_size}; loss (nats/pixel, uniform = "
@@ -137,15 +134,7 @@ def write_section(args, text: str) -> None:
             f"{torch.__version__}, {args.threads} thread(s); load average {os.getloadavg()[1]:.1f} over the last "
             f"5 minutes of the run (other jobs on the machine stretch the times, not the losses). One seed. "
             f"Command: `{command.strip()}`\n\n{text}\n")
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(old.rstrip("\n") + "\n\n" + body)
-    os.replace(path + ".tmp", path)
-
+    bench_common.write_section(bench_common.BENCHMARKS, body)
 
 if __name__ == "__main__":
     main()

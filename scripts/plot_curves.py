@@ -1,7 +1,7 @@
 """Training and validation loss curves of several runs in one PNG (the paper's Figures 2-3).
 
-    python plot_curves.py out-rope out-alibi out-grape_ap --out curves.png --smooth 0.9
-    python plot_curves.py wandb:my-team/grape/1a2b3c4d out-rope       # a run on a wandb server
+    python -m scripts.plot_curves out-rope out-alibi out-grape_ap --out curves.png --smooth 0.9
+    python -m scripts.plot_curves wandb:my-team/grape/1a2b3c4d out-rope       # a run on a wandb server
 
 Each argument is a training out_dir (its ``log.jsonl``, which every run writes whether or not
 wandb is on), a ``log.jsonl`` file, a wandb offline run folder inside an out_dir
@@ -17,8 +17,9 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
+
+from training.runlog import read_jsonl
 
 TRAIN_KEYS = ("train_loss", "train/loss", "loss")
 VAL_KEYS = ("val_loss", "val/loss")
@@ -49,25 +50,6 @@ def curves_from_records(label: str, records) -> Curves:
             if y is not None and math.isfinite(y):
                 points[float(x)] = float(y)
     return Curves(label, sorted(train.items()), sorted(val.items()))
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """log.jsonl records. A cut-off last line (a run still writing) is skipped; any other bad
-    line is an error naming the file and line."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                print(f"warning: {path}:{i + 1}: skipping an incomplete last line", file=sys.stderr)
-                continue
-            raise ValueError(f"{path}:{i + 1} is not valid JSON ({e})") from None
-    return records
 
 
 WANDB_PREFIX = "wandb:"

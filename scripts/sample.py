@@ -1,9 +1,9 @@
 """Sample text from a trained model, nanoGPT-style.
 
-    python sample.py                                   # the newest out*/ckpt.pt (what pretrain.sh left)
-    python sample.py --out_dir=out-cpu-grape-ap
-    python sample.py --ckpt=out/ckpt.pt --start="The meaning of life" --num_samples=3
-    python sample.py --ckpt=path/to/save_pretrained_folder --start=FILE:prompt.txt
+    python -m scripts.sample                                   # the newest out*/ckpt.pt (what pretrain.sh left)
+    python -m scripts.sample --out_dir=out-cpu-grape-ap
+    python -m scripts.sample --ckpt=out/ckpt.pt --start="The meaning of life" --num_samples=3
+    python -m scripts.sample --ckpt=path/to/save_pretrained_folder --start=FILE:prompt.txt
 
 ``--ckpt`` is a training checkpoint (``ckpt.pt``) or a ``save_pretrained`` folder; without it
 ``{out_dir}/ckpt.pt`` (or ``{out_dir}`` as a ``save_pretrained`` folder) is used, and without
@@ -19,9 +19,8 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError
-from model import GPT
-from tokenizer import EOT, gpt2_encoding
+from training.checkpoint import CheckpointError, load_model
+from training.tokenizer import EOT, gpt2_encoding
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +67,7 @@ def read_prompt(start: str) -> str:
 
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
-    model = GPT.load(find_checkpoint(args), map_location="cpu")
+    model = load_model(find_checkpoint(args), map_location="cpu")
     torch.manual_seed(args.seed)       # after loading: building the model draws random numbers
     model.to(args.device).eval()
     device_type = torch.device(args.device).type

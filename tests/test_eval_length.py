@@ -1,19 +1,17 @@
 """eval_length.py: its loss at 1x/2x the training context equals an independent
 cross-entropy computation on the same validation windows, and it writes table and plot."""
 import csv
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import eval_length  # noqa: E402
+from scripts import eval_length  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from shards import ShardError, read_shard, write_shard  # noqa: E402
+from training.checkpoint import load_model
+from training.shards import ShardError, read_shard, write_shard  # noqa: E402
 
 T = 16
 
@@ -38,7 +36,7 @@ def run_dir(tmp_path_factory):
 def independent_position_loss(path, data, length, starts):
     """Windows of length+1 tokens read straight from the shard; log-softmax and gather by hand."""
     tokens = np.asarray(read_shard(str(data / "val_000000.bin")), dtype=np.int64)
-    model = GPT.load(str(path), block_size=length).eval()
+    model = load_model(str(path), block_size=length).eval()
     per_position = np.zeros(length)
     for s in starts:
         w = torch.from_numpy(tokens[s:s + length + 1])

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from attention import BACKENDS, dense_attention, resolve_backend
+from modeling.attention import BACKENDS, dense_attention, resolve_backend
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -11}
 TOLERANCE_UNITS = 8

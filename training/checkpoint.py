@@ -20,12 +20,17 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 import zipfile
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
+
+from model import GPT, GPTConfig
+from training.original_checkpoint import is_original_folder, load_original
 
 CKPT_NAME = "ckpt.pt"          # the latest checkpoint: what --init_from=resume continues
 BEST_NAME = "best.pt"          # the checkpoint with the lowest validation loss so far
@@ -36,11 +41,13 @@ _FILE_MODE = 0o666 & ~_UMASK
 
 
 def clean_state_dict(state: dict) -> dict:
-    """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add."""
+    """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add, in any order
+    and any number (DDP around a compiled model gives 'module._orig_mod.', the reverse order
+    '_orig_mod.module.')."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 
@@ -209,3 +216,30 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         if key not in state:
             raise CheckpointError(f"{path} is not a training checkpoint of this repository (no {key!r})")
     return state
+
+
+def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, **overrides) -> GPT:
+    """The model of any checkpoint: a ``save_pretrained`` folder or a training checkpoint file
+    (``ckpt.pt``/``best.pt`` with keys ``model`` and ``model_config``; a folder means its
+    ``ckpt.pt`` when it has no config.json), of this repository or of the original one
+    (``original_checkpoint.py``; ``model_type`` names the original's encoding where its
+    parameters do not, e.g. 'llama-mha-rope'). ``overrides`` change config fields that do
+    not change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        check_pretrained_folder(path)
+        if is_original_folder(path):
+            return load_original(path, model_type, **overrides)
+        if model_type is not None:
+            raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
+        with hf_progress_bars_off(not sys.stderr.isatty()):   # no bars in log files (tqdm's convention)
+            return GPT.from_pretrained(path, **overrides)
+    if os.path.isdir(path):
+        path = os.path.join(path, CKPT_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
+    ckpt = read_checkpoint_file(path, map_location)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
+    model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
+    model.load_exactly(clean_state_dict(ckpt["model"]), path)
+    return model

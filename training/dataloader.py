@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shards import HEADER_BYTES, ShardError, check_token_ids, list_shards, read_shard
+from training.shards import HEADER_BYTES, ShardError, check_token_ids, list_shards, read_shard
 
 MODES = ("stateless", "stateful")
 

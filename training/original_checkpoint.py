@@ -3,8 +3,9 @@
 The original's training script saves ``save_pretrained`` folders (every ``eval_interval``
 into ``out_dir``, and ``out_dir/checkpoint-N`` snapshots): ``config.json`` with
 ``model_type: "gpt2"`` (whatever the encoding), the weights (``pytorch_model.bin``), and
-``optimizer.pt`` beside them. ``GPT.load(folder)`` and ``load_original(folder)`` read such a
-folder; ``python original_checkpoint.py FOLDER OUT`` writes it as a folder of this repository.
+``optimizer.pt`` beside them. ``training.checkpoint.load_model(folder)`` and ``load_original(folder)``
+read such a folder; ``python -m scripts.convert_original FOLDER OUT`` writes it as a folder of this
+repository.
 
 What the conversion does:
 - the encoding: config.json does not name it, so it is inferred from the parameter names
@@ -246,18 +247,3 @@ def load_original(path: str, model_type: Optional[str] = None, **overrides) -> G
     model.load_state_dict(full, strict=True)
     return model
 
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Convert a save_pretrained folder of the original GRAPE "
-                                                 "repository into one of this repository.")
-    parser.add_argument("folder", help="the original's folder (config.json + pytorch_model.bin)")
-    parser.add_argument("out", help="where to write the converted folder")
-    parser.add_argument("--model_type", default=None,
-                        help="the original's model_type, e.g. llama-mha-rope (needed for RoPE, ALiBi and "
-                             "tied GRAPE-AP, whose parameters do not say it)")
-    args = parser.parse_args()
-    converted = load_original(args.folder, args.model_type)
-    converted.save_pretrained(args.out)
-    print(f"{args.folder} ({converted.config.pos_encoding}, KV-shift {converted.config.use_k_shift}) "
-          f"-> {args.out}")

@@ -21,22 +21,10 @@ import time
 
 import numpy as np
 
-from plot_curves import read_jsonl
+from training.runlog import run_log
 
 
 # -- one run ---------------------------------------------------------------------------------
-
-
-def run_log(path: str) -> dict:
-    """Validation and training records of a log.jsonl, in iteration order, the last record of
-    an iteration winning: {'val': [(iter, tokens, loss)], 'train': [(iter, tokens, loss, tok/s)]}."""
-    val, train = {}, {}
-    for r in read_jsonl(path):
-        if "val_loss" in r:
-            val[r["iter"]] = (r["iter"], r["tokens"], r["val_loss"])
-        elif "train_loss" in r:
-            train[r["iter"]] = (r["iter"], r["tokens"], r["train_loss"], r.get("tokens_per_sec"))
-    return {"val": [val[i] for i in sorted(val)], "train": [train[i] for i in sorted(train)]}
 
 
 def summarize(run, state: dict) -> dict:
@@ -119,7 +107,7 @@ def machine() -> str:
 
 
 def data_description(base) -> str:
-    from shards import list_shards, read_shard
+    from training.shards import list_shards, read_shard
     data_dir = base.data_dir or os.path.join(base.data_path, base.dataset)
     try:
         sizes = {split: sum(len(read_shard(p)) for p in list_shards(data_dir, split)) for split in ("train", "val")}
@@ -271,7 +259,7 @@ def plot_curves(agg: dict, path: str) -> None:
 
 
 def plot_positions(agg: dict, path: str, n_buckets: int = 64) -> None:
-    from eval_length import bucket
+    from training.length_eval import bucket
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -315,7 +303,7 @@ def write_csv(summaries: list[dict], path: str) -> None:
 
 def write(report_dir: str, runs: list, settings: dict, command: list[str], base, reference: str = "rope",
           note: str = "", nproc_per_node: int = 1, skipped: dict | None = None) -> str:
-    """Write RESULTS.md, results/curves.png, results/loss_by_position.png and results/runs.csv
+    """Write RESULTS.md, curves.png, loss_by_position.png and runs.csv
     from the finished runs; returns the path of RESULTS.md."""
     import json
     import shlex
@@ -333,7 +321,7 @@ def write(report_dir: str, runs: list, settings: dict, command: list[str], base,
             failed.append((run, state["error"]))
         else:
             pending.append(run)
-    os.makedirs(os.path.join(report_dir, "results"), exist_ok=True)
+    os.makedirs(report_dir, exist_ok=True)
     md = os.path.join(report_dir, "RESULTS.md")
     agg = aggregate(summaries, encodings)
     ref = reference if reference in agg else None
@@ -367,16 +355,16 @@ def write(report_dir: str, runs: list, settings: dict, command: list[str], base,
         lines += ["## Within the seed spread?", ""]
         lines += [f"- {s}" for s in spread_sentences(agg, ref) + paper_sentences(agg)]
         lines += ["", "## Figures", "",
-                  "![validation curves](results/curves.png)", "",
+                  "![validation curves](curves.png)", "",
                   "Training and validation loss against training tokens, mean over seeds with a min–max band "
                   "(like the paper's Figures 2–3).", "",
-                  "![loss by position](results/loss_by_position.png)", "",
+                  "![loss by position](loss_by_position.png)", "",
                   "Validation loss by position at 1×, 2× and 4× the training context (mean over seeds); "
                   "beyond the dashed line the model sees positions it was never trained on.", "",
-                  "Per-run numbers: `results/runs.csv`."]
-        plot_curves(agg, os.path.join(report_dir, "results", "curves.png"))
-        plot_positions(agg, os.path.join(report_dir, "results", "loss_by_position.png"))
-        write_csv(summaries, os.path.join(report_dir, "results", "runs.csv"))
+                  "Per-run numbers: `runs.csv`."]
+        plot_curves(agg, os.path.join(report_dir, "curves.png"))
+        plot_positions(agg, os.path.join(report_dir, "loss_by_position.png"))
+        write_csv(summaries, os.path.join(report_dir, "runs.csv"))
     if skipped:
         lines += ["", "## Encodings left out", "", "Registered, but the base config cannot build them:", ""]
         lines += [f"- `{e}`: {reason}" for e, reason in skipped.items()]

@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 
-from checkpoint import BEST_NAME, CKPT_NAME, temporary_paths
+from training.checkpoint import BEST_NAME, CKPT_NAME, temporary_paths
 
 LOCK_NAME = ".lock"
 

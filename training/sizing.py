@@ -1,8 +1,8 @@
 """Size a training run before spending GPU hours: parameters, tokens and FLOPs per step, and
 the peak memory per GPU, from the config alone.
 
-    python train_adam_finewebedu.py config/train_llama_mha_rope_medium_adam_80g8.py --dry_run=True --gpu=8xh100
-    python sizing.py --check        # the estimate against peaks measured on CPU at small sizes
+    python train_adam_finewebedu.py config/paper/train_llama_mha_rope_medium_adam_80g8.py --dry_run=True --gpu=8xh100
+    python -m scripts.check_sizing   # the estimate against peaks measured on CPU at small sizes
 
 The model is built on the meta device (shapes only: no memory, no data, no out_dir). Memory
 is a model of what training keeps, written out here and in ``layer_bytes_per_token``.
@@ -27,17 +27,22 @@ Per GPU, with N parameters (the tied embedding counted once), micro-batch B x T 
 
 The report lists the addends of the peak. On a GPU add the CUDA context and library
 workspaces (CUDA_RESERVE_GIB) and keep headroom for the caching allocator's fragmentation
-(FIT_FRACTION). ``python sizing.py --check`` prints the estimate next to measured CPU peaks;
+(FIT_FRACTION). ``python -m scripts.check_sizing`` prints the estimate next to measured CPU peaks;
 tests/test_sizing.py requires them to agree within a factor (and on a GPU, the CUDA peaks).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from modeling.bias import PathIntegralBias, SeparableBias
+from model import GPT, GPTConfig
+from modeling import attention
+from modeling.chunked import query_block
+from training.configurator import model_fields
 
 GIB = 2 ** 30
 
@@ -152,7 +157,6 @@ def dense_bytes_per_score(bias_kind: str, act: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------
 
 def meta_model(model_config):
-    from model import GPT
     with torch.device("meta"):
         return GPT(model_config)
 
@@ -192,7 +196,6 @@ def encoding_trace(model, batch: int, T: int):
 
 
 def bias_kind(bias) -> str:
-    from grape import PathIntegralBias, SeparableBias
     if bias is None:
         return "none"
     if isinstance(bias, PathIntegralBias):
@@ -205,7 +208,6 @@ def bias_kind(bias) -> str:
 
 def backend_for(model_config, bias, device_type: str, T: int) -> str:
     """The backend the run would use, as attention.attend would choose it on that device."""
-    import attention
     name = model_config.attn_backend
     if name != "auto":
         if name not in attention.BACKENDS:
@@ -225,7 +227,6 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
              model=None) -> Estimate:
     """Peak memory per device of training ``model_config`` with micro-batch ``batch_size``.
     ``autocast``: 'bfloat16' / 'float16' (mixed precision, float32 weights) or None (float32)."""
-    from train_adam_finewebedu import flops_per_token
     c = model_config
     model = model if model is not None else meta_model(c)
     N = model.num_parameters_unique()
@@ -252,7 +253,6 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
     elif backend == "chunked" and bias_kind(bias) == "path_integral":
         # its backward: float32 copies and gradients of q, k, v (~8 (B, T, C) buffers) and
         # three (B, H, block, T) float32 block temporaries
-        from attention_chunked import query_block
         block = min(T, query_block(B, c.n_head, T))
         transient = 8 * 4 * B * T * C + 3 * 4 * B * c.n_head * block * T
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -285,7 +285,7 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
 
     return Estimate(
         parameters=N, tokens_per_step=B * T * accumulation * world_size,
-        flops_per_token=flops_per_token(model),
+        flops_per_token=model.flops_per_token(),
         flops_formula="6N + 12·n_layer·n_head·head_dim·block_size (the training log's MFU)",
         backend=backend, precision=precision, compiled=compiled,
         memory=memory, peak=int(peak), per_sample=int(per_sample), fixed=int(peak - per_sample * B),
@@ -303,7 +303,7 @@ def parse_gpu(text: str) -> tuple[int, str]:
     if sep and count.isdigit():
         n = int(count)
         if n < 1:
-            from configurator import ConfigError
+            from training.configurator import ConfigError
             raise ConfigError(f"config key 'gpu' = {text!r}: the GPU count must be at least 1")
         return n, name
     return 0, text
@@ -317,7 +317,7 @@ def find_target(cfg, environ=os.environ) -> Target:
     world_env = environ.get("WORLD_SIZE")
     if name:
         if name not in GPUS:
-            from configurator import ConfigError
+            from training.configurator import ConfigError
             raise ConfigError(f"config key 'gpu': unknown GPU {name!r}; choose one of {sorted(GPUS)}, "
                               "optionally with a count: '8xh100'")
         full, memory = GPUS[name]
@@ -344,9 +344,22 @@ def _ram_bytes() -> Optional[int]:
     return None
 
 
+# bf16 dense tensor-core peak FLOP/s; the first matching name fragment wins
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+]
+
+
 def peak_flops(gpu_name: str) -> Optional[float]:
-    from train_adam_finewebedu import PEAK_BF16_FLOPS
+    """bf16 peak FLOP/s of a GPU by its name (None when unknown)."""
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in gpu_name), None)
+
+
+def gpu_peak_flops(device: torch.device) -> Optional[float]:
+    """The MFU's denominator for the device training runs on (None on CPU or an unknown GPU)."""
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def verdict(est: Estimate, target: Target, batch_size: int) -> tuple[str, str]:
@@ -415,8 +428,6 @@ def est_head_dim(cfg) -> int:
 
 def dry_run(cfg) -> tuple[str, Estimate, Target]:
     """What ``--dry_run=True`` prints: the training config sized for its target."""
-    from model import GPTConfig
-    from configurator import model_fields
     model_config = GPTConfig(**{k: cfg[k] for k in model_fields()})
     target = find_target(cfg)
     autocast = cfg["dtype"] if target.device_type == "cuda" and cfg["dtype"] != "float32" else None
@@ -438,7 +449,6 @@ def measure_peak(model_config, batch_size: int, accumulation: int = 1, autocast:
     AdamW state. CUDA: torch.cuda.max_memory_allocated. CPU: torch.profiler reports every
     allocation with the allocator's running total since profiling began; the peak of that
     plus the weights and AdamW state already allocated is the step's peak."""
-    from model import GPT
 
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -497,7 +507,6 @@ CHECKS = [   # (what it stresses, GPTConfig fields, batch, accumulation, autocas
 
 def check(compiled: bool, device: str) -> str:
     """The estimate next to measured peaks for CHECKS (2 layers, n_embd 256, 4 heads, T 512)."""
-    from model import GPTConfig
     lines = [f"{'stresses':28s} {'encoding':10s} {'precision':9s} {'estimate':>10s} {'measured':>10s} {'ratio':>6s}"]
     for what, fields, B, accum, amp in CHECKS:
         base = dict(n_layer=2, n_embd=256, n_head=4, block_size=512, vocab_size=1024)
@@ -508,20 +517,3 @@ def check(compiled: bool, device: str) -> str:
                      f"{got / 2**20:7.1f} MiB {got / est.peak:6.2f}")
         print(lines[-1], flush=True)
     return "\n".join(lines)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="estimate vs measured peaks at small sizes")
-    ap.add_argument("--compiled", action="store_true", help="with torch.compile (minutes on CPU)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = ap.parse_args(argv)
-    if not args.check:
-        ap.error("size a training config with: python train_adam_finewebedu.py CONFIG --dry_run=True "
-                 "[--gpu=h100]; this file runs --check")
-    print(f"estimate vs measured peak, {'compiled' if args.compiled else 'eager'}, {args.device}")
-    check(args.compiled, args.device)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 # Base config of compare_encodings.py on a CPU: every encoding trains this model on the offline
 # corpus (python data/pydoc/prepare.py) with this budget and schedule; the comparison adds
 # --pos_encoding, --seed, --data_seed and --out_dir per run.
-#   python compare_encodings.py config/compare_cpu.py --encodings all --seeds 3 --eval_windows 16
+#   python -m scripts.compare_encodings config/cpu/compare_cpu.py --encodings all --seeds 3 --eval_windows 16
 # Sized so that 16 encodings x 3 seeds take about 1.2 hours on 2 CPU cores, two runs at a time
 # with one thread each (see README, "Comparing encodings"): 73,728 training tokens per run.
 dataset = 'pydoc'

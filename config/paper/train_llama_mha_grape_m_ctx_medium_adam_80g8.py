@@ -1,5 +1,5 @@
 # GRAPE-M, contextual (phase-modulated), medium (353M): the paper's Table 1 run.
-# torchrun --standalone --nproc_per_node=8 train_adam_finewebedu.py config/train_llama_mha_grape_m_ctx_medium_adam_80g8.py
+# torchrun --standalone --nproc_per_node=8 train_adam_finewebedu.py config/paper/train_llama_mha_grape_m_ctx_medium_adam_80g8.py
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'train_paper_medium.py')).read())
 model_type = 'llama-mha-grape-m-ctx'
