@@ -139,6 +139,18 @@ def shard_path(folder: str, index: str, name: str) -> str:
     return path
 
 
+def refused_global(error: Exception) -> Optional[str]:
+    """The pickle global ``torch.load(weights_only=True)`` refused to call, from its error
+    (None when the error is something else, e.g. a damaged file)."""
+    text = str(error)
+    if "weights only load failed" not in text.lower() and "unsupported global" not in text.lower():
+        return None
+    for line in text.splitlines():
+        if "GLOBAL " in line:
+            return line.split("GLOBAL ", 1)[1].split()[0]
+    return "?"
+
+
 def read_tensor_file(path: str, check_only: bool = False) -> dict[str, Tensor]:
     """A safetensors file, or a torch pickle read with ``weights_only=True`` (tensors and plain
     containers only: nothing in it is executed)."""
@@ -150,12 +162,11 @@ def read_tensor_file(path: str, check_only: bool = False) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:                            # pickle.UnpicklingError and what torch wraps it in
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
-            global_name = next((line.split("GLOBAL", 1)[1].split()[0] for line in str(e).splitlines()
-                                if "GLOBAL" in line), "?")
-            raise UnsafeWeights(f"{path} holds Python objects that loading would run (pickle global {global_name}); "
+        refused = refused_global(e)
+        if refused is not None:
+            raise UnsafeWeights(f"{path} holds Python objects that loading would run (pickle global {refused}); "
                                 "refusing to load it. Weights are tensors: save them with safetensors") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UnsafeWeights(f"{path} is not a readable weight file: {first[:200]}") from None
     if not isinstance(state, dict):
         raise UnsafeWeights(f"{path} holds a {type(state).__name__}, not a dict of tensors")

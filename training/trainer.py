@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
 from training.backend_check import check_backends
-from training.checkpoint import CKPT_NAME, checkpoint_path, clean_state_dict, load_checkpoint, save_checkpoint
+from training.checkpoint import (CKPT_NAME, checkpoint_path, clean_state_dict, load_checkpoint, numpy_rng_state,
+                                 save_checkpoint)
 from training.configurator import ConfigError, model_fields
 from training.dataloader import TokenBatches
 from training.divergence import (Divergence, NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss,
@@ -136,7 +137,7 @@ def rank_state(train_batches: TokenBatches) -> dict:
     return {
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy_rng": np.random.get_state(),
+        "numpy_rng": numpy_rng_state(),            # plain values: checkpoints load without unpickling code
         "python_rng": random.getstate(),
         "data": train_batches.state_dict(),
     }
@@ -202,8 +203,10 @@ class Trainer:
         # -- model, optimizer, state (nothing is written to out_dir before the claim) ------
         self.resume_from = cfg.resume_dir or cfg.out_dir
         resuming = cfg.init_from == "resume"
-        ckpt = load_checkpoint(self.resume_from, map_location="cpu") if resuming else None
+        ckpt = (load_checkpoint(self.resume_from, map_location="cpu", trust_pickle=cfg.trust_checkpoint_pickle)
+                if resuming else None)
         self.raw_model = model_for(cfg, explicit, ckpt, self.resume_from).to(rt.device)
+        self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
         cfg.weight_decay_on = weight_decay_groups_of(cfg, explicit, ckpt, self.resume_from)
         groups = self.raw_model.optimizer_groups(cfg.weight_decay, cfg.weight_decay_on)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
@@ -411,6 +414,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
+            "val_loss": self.val_loss,
             "tokens": self.iter_num * self.tokens_per_iter,
             "config": dict(self.cfg),
             "world_size": self.rt.world,
@@ -441,7 +445,7 @@ class Trainer:
 
     def roll_back(self, event: Divergence) -> None:
         """Back to the last checkpoint; skip the batches of the iterations since; lower the lr."""
-        self.restore(load_checkpoint(self.last_good, map_location="cpu"))
+        self.restore(load_checkpoint(self.last_good, map_location="cpu", trust_pickle=self.cfg.trust_checkpoint_pickle))
         skipped = self.recovery.roll_back(event.iter, self.iter_num, self.cfg.rollback_lr_factor)
         if not self.stateless:
             self.train_batches.skip(skipped * self.cfg.gradient_accumulation_steps)
