@@ -46,9 +46,10 @@ ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_
 
 
 def _modules_shipped_beside_this_file():
-    """Never called. Releases of transformers before 5.10.1 copy into their module cache only
-    the files that model.py imports itself, not the files those import; naming every shipped
-    module here lets such a release reach the version check above and say what it needs."""
+    """Never called. Releases of transformers before 5.10.1 copy a local folder's remote code
+    into their module cache as the files model.py imports itself, not the files those import;
+    naming every shipped module here brings them all along (5.4 to 5.10 then run the folder,
+    older releases reach the version check above and say what they need)."""
     from modeling.bias import Bias  # noqa: F401
     from modeling.chunked import chunked_attention  # noqa: F401
     from modeling.dense import dense_attention  # noqa: F401
