@@ -563,14 +563,17 @@ class GPT(GPTPreTrainedModel, StreamingGenerationMixin):
         model card) as one commit. transformers' own ``push_to_hub`` would replace the folder's
         card with a generic one; this uploads the folder as written (huggingface_hub's API)."""
         import tempfile
-        from huggingface_hub import HfApi
+        from huggingface_hub import CommitOperationAdd, HfApi
         for key in ("tags", "commit_description", "use_temp_dir", "safe_serialization"):
             save_kwargs.pop(key, None)         # transformers' push_to_hub options with no effect here
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+            files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+                          for name in files]
+            return api.create_commit(repo_id=repo_id, operations=operations, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload GRAPE checkpoint")
 
     def new_caches(self) -> list[LayerCache]:
