@@ -84,16 +84,15 @@ def test_factor_rejects_an_estimate_missing_its_dominant_part(name):
 @pytest.mark.parametrize("encoding", ["rope", "grape_ap"])
 def test_activation_checkpointing_estimate_is_within_factor_of_measured_cpu_peak(encoding):
     """With every block recomputed in backward the activations shrink to the blocks' inputs and
-    one block in flight: the estimate follows the measured peak, which falls well below the
-    peak measured without checkpointing (6 layers, so that the activations dominate)."""
-    config = GPTConfig(**{**BASE, "n_layer": 6, "pos_encoding": encoding})
+    one block in flight: the estimate follows the measured peak, which is less than half of what
+    training without checkpointing takes (its estimate, checked against measurements above;
+    4 layers, so that the activations dominate)."""
+    config = GPTConfig(**{**BASE, "n_layer": 4, "pos_encoding": encoding})
     est = sizing.estimate(config, 4, device_type="cpu", autocast=None, compiled=False, activation_checkpointing=True)
     got = sizing.measure_peak(config, 4, activation_checkpointing=True)
     assert 1 / FACTOR <= got / est.peak <= FACTOR, f"measured {got / 2**20:.1f} MiB, estimated {est.peak / 2**20:.1f}"
-    without = sizing.measure_peak(config, 4)
-    assert got < 0.5 * without
     plain = sizing.estimate(config, 4, device_type="cpu", autocast=None, compiled=False)
-    assert not 1 / FACTOR <= got / plain.peak <= FACTOR       # an estimate that ignored the checkpointing
+    assert got < 0.5 * plain.peak                             # so an estimate that ignored it would be far off
 
 
 @pytest.mark.cuda
