@@ -280,7 +280,8 @@ def train(run: Run, state: dict, cmd: list[str], max_iters: int, prefix: str) ->
 def evaluate(run: Run, multipliers: list[int], num_windows: int, batch_size: int, device: str) -> dict:
     """Loss by position of the final checkpoint at each context multiple (eval_length.py)."""
     from training import length_eval
-    from training.checkpoint import hf_progress_bars_off, load_model
+    from training.checkpoint import load_model
+    from training.progress import hf_progress_bars_off
     t0 = time.time()
     with hf_progress_bars_off():          # from_pretrained's per-load bar (restored afterwards)
         results = length_eval.evaluate([run.out_dir], multipliers, num_windows, batch_size=batch_size,

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from model import GPT
 from training.checkpoint import load_model, read_checkpoint_file
+from training.progress import progress_bar
 from training.shards import ShardError, check_token_ids, list_shards, read_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -92,7 +92,7 @@ def position_losses(model: GPT, windows: list[np.ndarray], length: int, batch_si
     use_amp = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     total = torch.zeros(length, dtype=torch.float64)
-    for i in tqdm(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    for i in progress_bar(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False):
         rows = torch.stack(pieces[i:i + batch_size]).to(device)
         with amp:
             logits, _ = model(rows[:, :-1])

@@ -22,7 +22,6 @@ import gc
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import ExitStack, nullcontext
@@ -42,6 +41,7 @@ from training.dataloader import TokenBatches
 from training.divergence import (Divergence, NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss,
                                  nonfinite_parameters)
 from training.run_dir import claim_on_rank0
+from training.progress import on_terminal, progress_bar
 from training.runlog import JsonlLog
 from training.settings import get_lr, model_config_from
 from training.sizing import gpu_peak_flops
@@ -260,7 +260,7 @@ class Trainer:
         self.watch = NonFiniteWatch(rt.device)
 
         # -- logging ---------------------------------------------------------------------------
-        self.show = rt.master and cfg.progress and sys.stderr.isatty()
+        self.show = rt.master and cfg.progress          # bars on a terminal only (training/progress.py)
         self.bar, self.log, self.wandb_run = None, None, None
         if rt.master:
             self.open_logs()
@@ -317,7 +317,8 @@ class Trainer:
         self.check_finite(self.watch.poll())
         self.eval_model.eval()
         total = torch.zeros((), device=self.rt.device, dtype=torch.float64)
-        for k in tqdm_range(self.cfg.eval_iters, self.show and self.cfg.eval_iters >= 20, "val"):
+        for k in progress_bar(range(self.cfg.eval_iters), enabled=self.show and self.cfg.eval_iters >= 20,
+                              desc="val", leave=False):
             x, y = self.rt.to_device(*self.val_batches.get(k, self.rt.rank))
             with self.rt.autocast():
                 _, loss = self.eval_model(x, y)
@@ -487,9 +488,8 @@ class Trainer:
     def run(self) -> dict:
         """Train to max_iters (or evaluate once with eval_only); returns the run's summary."""
         self.start_iter = self.iter_num
-        if self.show:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.cfg.max_iters, initial=self.iter_num, unit="it", dynamic_ncols=True)
+        if self.show and on_terminal():
+            self.bar = progress_bar(total=self.cfg.max_iters, initial=self.iter_num, unit="it")
         if threading.current_thread() is threading.main_thread():
             self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_flag", True))
         self.reset_interval()
@@ -530,9 +530,3 @@ class Trainer:
             del self.model
             gc.collect()
 
-
-def tqdm_range(n: int, enabled: bool, desc: str):
-    if not enabled:
-        return range(n)
-    from tqdm import tqdm
-    return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True)
