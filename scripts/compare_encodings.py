@@ -104,8 +104,8 @@ class Run:
     out_dir: str        # the training script's out_dir
 
     @property
-    def name(self) -> str:
-        return f"{self.encoding} seed {self.index}"
+    def name(self) -> str:           # 'rope run 0': run i has seed base + i (the seed itself is not i)
+        return f"{self.encoding} run {self.index}"
 
     @property
     def state_path(self) -> str:     # the driver's record, beside (not inside) the training out_dir
@@ -429,7 +429,8 @@ def main(argv=None) -> int:
             done = is_done(run, settings[run.out_dir], opts)
             at = checkpoint_iter(run.out_dir)
             what = "done" if done else (f"resume from iter {at}" if at is not None else "new")
-            print(f"{run.name}: {what}\n    {shlex.join(commands[run.out_dir])}")
+            print(f"{run.name} (seed {run.seed}, data_seed {run.data_seed}): {what}\n    "
+                  f"{shlex.join(commands[run.out_dir])}")
         return 0
     if opts.report_only:
         print(f"wrote {report()}")

@@ -266,6 +266,8 @@ class Trainer:
             self.open_logs()
         self.stop_flag = False
         self.previous_handler = None
+        self.first_val = None                  # (iter, loss) of this run's first evaluation
+        self.preempted = False
 
     # -- set-up helpers ------------------------------------------------------------------------
     def open_logs(self) -> None:
@@ -327,6 +329,7 @@ class Trainer:
         val_loss = self.rt.all_mean(total / self.cfg.eval_iters).item()
         self.check_finite(check_validation_loss(self.iter_num, val_loss))
         self.val_loss = val_loss
+        self.first_val = self.first_val or (self.iter_num, val_loss)
         self.say(f"iter {self.iter_num}: val loss {val_loss:.4f}")
         tokens = self.iter_num * self.tokens_per_iter
         self.record({"val/loss": val_loss, "tokens": tokens}, iter=self.iter_num, tokens=tokens, val_loss=val_loss)
@@ -493,6 +496,7 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_flag", True))
         self.reset_interval()
+        started = time.time()
         try:
             while True:
                 try:
@@ -507,14 +511,28 @@ class Trainer:
                         self.check_finite(self.watch.poll())
                         self.say(f"SIGTERM received: saving a checkpoint at iter {self.iter_num} and exiting")
                         self.save()
+                        self.preempted = True
                         break
                 except RolledBack:
                     continue
+            self.say(self.summary(time.time() - started))
         finally:
             self.close()
             self.rt.close()
         return {"iter_num": self.iter_num, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
                 "out_dir": self.cfg.out_dir, "model": self.raw_model}
+
+    def summary(self, seconds: float) -> str:
+        """What the run did, in one line, for whoever started it."""
+        cfg = self.cfg
+        trained = self.iter_num - self.start_iter
+        text = f"{'stopped by SIGTERM' if self.preempted else 'done'}: {trained} iterations ({trained * self.tokens_per_iter:,} tokens) in {seconds:.0f} s"
+        if self.first_val is not None and self.val_loss is not None:
+            text += (f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]} -> {self.val_loss:.3f} "
+                     f"at iter {self.iter_num} (best {self.best_val_loss:.3f})")
+        if self.last_good is not None and not cfg.eval_only:
+            text += f"; checkpoint and Hugging Face folder in {cfg.out_dir}"
+        return text
 
     def close(self) -> None:
         if self.bar is not None:
