@@ -30,11 +30,9 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 import zipfile
-from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -43,6 +41,7 @@ import torch
 from model import GPT, GPTConfig
 from modeling.hf_forward import refused_global
 from training.original_checkpoint import is_original_folder, load_original
+from training.progress import hf_progress_bars_off, on_terminal
 
 TRUST_PICKLE_ENV = "GRAPE_TRUST_CHECKPOINT_PICKLE"   # =1: load checkpoints that need the full unpickler
 CKPT_NAME = "ckpt.pt"          # the latest checkpoint: what --init_from=resume continues
@@ -95,20 +94,6 @@ def atomic_torch_save(obj, path: str) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(folder)
-
-
-@contextmanager
-def hf_progress_bars_off(off: bool = True):
-    """transformers' progress bars off inside the block (when ``off``), as they were after it."""
-    from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if off:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if off and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def save_pretrained_atomic(model, out_dir: str, run_facts: Optional[dict] = None) -> None:
@@ -298,7 +283,7 @@ def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, 
             return load_original(path, model_type, **overrides)
         if model_type is not None:
             raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
-        with hf_progress_bars_off(not sys.stderr.isatty()):   # no bars in log files (tqdm's convention)
+        with hf_progress_bars_off(not on_terminal()):   # no bars in log files (tqdm's convention)
             return GPT.from_pretrained(path, **overrides)
     if os.path.isdir(path):
         path = os.path.join(path, CKPT_NAME)
