@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from modeling import attention
 from scripts import eval_length
@@ -114,4 +115,34 @@ def test_unknown_attn_backend_lists_the_backends_of_attention_py(data_dir, tmp_p
     out = tmp_path / "run"
     message = exit_message(tiny(data_dir, str(out), "--attn_backend=bogus"))
     assert message == f"config error: config key 'attn_backend' must be one of {('auto', *attention.BACKENDS)}, got 'bogus'"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"n_layer = (4\n", "cfg.py', line 1: '(' was never closed"),
+    (b"n_layer = 2\nimport no_such_module_here\n", "cfg.py', line 2: ModuleNotFoundError: No module named "
+                                                   "'no_such_module_here'"),
+    (b"# caf\xe9\nn_layer = 2\n", "cfg.py' is not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8"),
+    (b"learning_rate = float('nan')\n", "config key 'learning_rate' must be a finite number, got nan"),
+    (b"min_lr = float('inf')\n", "config key 'min_lr' must be a finite number, got inf"),
+])
+def test_a_config_file_that_cannot_run_is_one_line_naming_its_place(data_dir, tmp_path, text, expected):
+    (tmp_path / "cfg.py").write_bytes(text)
+    out = tmp_path / "run"
+    message = exit_message([str(tmp_path / "cfg.py"), *tiny(data_dir, str(out))])
+    assert message.startswith("config error: ") and expected in message and "\n" not in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("cuda", "config key 'device' is 'cuda', but this machine has no CUDA GPU that torch can use"),
+    ("gpu", "config key 'device': 'gpu' is not a device torch knows"),
+])
+def test_a_device_this_machine_lacks_is_a_config_error_before_out_dir_is_written(data_dir, tmp_path, device,
+                                                                                expected):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "run"
+    message = exit_message(tiny(data_dir, str(out)) + [f"--device={device}"])
+    assert message.startswith("config error: " + expected)
     assert not out.exists()

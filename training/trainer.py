@@ -91,9 +91,31 @@ class Runtime:
         torch.use_deterministic_algorithms(self.was_deterministic)
 
 
+def check_device(device: str, ddp: bool = False) -> None:
+    """ConfigError for a device this machine does not have (a CUDA index beyond its GPUs, CUDA
+    without a GPU, a name torch does not know), before anything is allocated or written. Under
+    torchrun each rank uses the GPU of its local rank, so only the kind matters."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'device': {device!r} is not a device torch knows; use 'auto', 'cpu', "
+                          "'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"config key 'device' is {str(device)!r}, but this machine has no CUDA GPU that "
+                              "torch can use; use --device=cpu (or auto)")
+        if device.index is not None and device.index >= count and not ddp:
+            raise ConfigError(f"config key 'device' is {str(device)!r}, but this machine has {count} CUDA GPU(s)")
+    elif device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'device' is {str(device)!r}: only 'cpu' and 'cuda' are supported")
+
+
 def start_runtime(cfg, explicit: set[str]) -> Runtime:
     """Join the process group under torchrun, pick the device, set the determinism switches."""
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if cfg.device != "auto":
+        check_device(cfg.device, ddp)              # before joining the process group: every rank alike
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
