@@ -8,6 +8,7 @@ tests/golden/original/, whose logits the original computed: a folder that loads 
 """
 import json
 import os
+import runpy
 import sys
 
 import pytest
@@ -16,7 +17,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from original_goldens import GOLDEN_DIR, perturbed  # noqa: E402
 
-from scripts import convert_original  # noqa: E402
 from training.checkpoint import CheckpointError, load_model  # noqa: E402
 from training.original_checkpoint import ORIGINAL_TYPES  # noqa: E402
 
@@ -93,9 +93,11 @@ def test_a_renamed_rope_or_alibi_folder_asks_for_one_of_the_two_and_never_offers
     assert "llama-mha-nope" not in ORIGINAL_TYPES and "llama-mha-grape-ap-v1" in ORIGINAL_TYPES
 
 
-def test_convert_original_refuses_a_wrong_model_type_in_one_line(tmp_path):
+def test_convert_original_refuses_a_wrong_model_type_in_one_line(tmp_path, monkeypatch):
     path = original_folder(tmp_path, "alibi", RUN.format("llama-mha-alibi"))
+    monkeypatch.setattr(sys, "argv", ["convert_original", path, str(tmp_path / "converted"), "--model_type",
+                                      "llama-mha-rope"])
     with pytest.raises(SystemExit) as exit_info:
-        convert_original.main([path, str(tmp_path / "converted"), "--model_type", "llama-mha-rope"])
+        runpy.run_module("scripts.convert_original", run_name="__main__")
     assert str(exit_info.value.code).startswith(f"convert_original: {path}: its folder name says it was trained as")
     assert not (tmp_path / "converted").exists()

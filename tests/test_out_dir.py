@@ -116,15 +116,16 @@ def test_temporaries_of_a_save_killed_by_sigkill_are_removed_by_the_next_run_not
             # a live process owns its temporaries: the next trainer is refused and touches nothing
             message = exit_message(tiny(data_dir, out, "--max_iters=3", "--init_from=resume"))
             assert f"is in use by another training run (pid {saver.pid} " in message
-            assert len(checkpoint.temporary_paths(out)) == 2
+            assert len(checkpoint.temporary_paths(out)) == 3
         saver.send_signal(signal.SIGKILL)
         saver.wait(timeout=30)
+    # a save stages the save_pretrained folder, then ckpt.pt: the first kill left both
     left = [os.path.basename(p) for p in checkpoint.temporary_paths(out)]
-    assert [name.split(".")[:2] for name in left] == [["", "pretrained"], ["ckpt", "pt"]]
+    assert [name.split(".")[:2] for name in left] == [["", "pretrained"], ["", "pretrained"], ["ckpt", "pt"]]
     assert snapshot(out) == good                                # the checkpoint itself is intact
     capsys.readouterr()
     main(tiny(data_dir, out, "--max_iters=3", "--eval_interval=3", "--init_from=resume"))
-    assert "removed 2 temporary file(s)" in capsys.readouterr().out
+    assert "removed 3 temporary file(s)" in capsys.readouterr().out
     assert checkpoint.temporary_paths(out) == []
     assert checkpoint.load_checkpoint(out)["iter_num"] == 3
 

@@ -59,6 +59,11 @@ KNOB_PREFIXES = r"^(grape_|keygated_|querygated_|querykeygated_|p_|use_|fgate_|t
 TIE_MODES = {"none": "none", "pq": "pq", "pk": "pk", "pv": "pv", "pqtie": "pq", "pktie": "pk", "pvtie": "pv"}
 
 
+class WrongModelType(ValueError):
+    """A model_type the folder contradicts, or none where the folder does not say it
+    (``load_model`` reports it as a CheckpointError)."""
+
+
 def is_original_folder(path: str) -> bool:
     """A save_pretrained folder of the original repository (its config says 'gpt2')."""
     config_path = os.path.join(path, "config.json")
@@ -254,14 +259,9 @@ def encoding_of(model_type: str) -> str:
     name = model_type.lower().replace("_", "-").replace("-kv-shift", "").replace("-kvshift", "")
     if name not in ORIGINAL_TYPES:
         why = "the original repository has no NoPE model" if name == "llama-mha-nope" else "unknown model_type"
-        raise wrong_model_type(f"{why} ({model_type!r}); the original's model types are {ORIGINAL_TYPES} "
-                               "(optionally with '-kvshift')")
+        raise WrongModelType(f"{why} ({model_type!r}); the original's model types are {ORIGINAL_TYPES} "
+                             "(optionally with '-kvshift')")
     return settings_from_model_type(model_type)["pos_encoding"]
-
-
-def wrong_model_type(message: str) -> ValueError:
-    from training.checkpoint import CheckpointError      # (checkpoint.py imports this module)
-    return CheckpointError(message)
 
 
 def resolve_model_type(path: str, original: dict, state: dict, model_type: Optional[str]) -> str:
@@ -273,9 +273,9 @@ def resolve_model_type(path: str, original: dict, state: dict, model_type: Optio
     if model_type is None:
         chosen = inferred or ("llama-mha-grape-ap-v1" if tied else named)
         if chosen is None:
-            raise wrong_model_type(f"{path}: RoPE and ALiBi have the same parameters, and neither its config.json "
-                                   "nor its folder name (the original's out_<model_type>_...) says which; pass the "
-                                   "original's model_type: 'llama-mha-rope' or 'llama-mha-alibi'")
+            raise WrongModelType(f"{path}: RoPE and ALiBi have the same parameters, and neither its config.json "
+                                 "nor its folder name (the original's out_<model_type>_...) says which; pass the "
+                                 "original's model_type: 'llama-mha-rope' or 'llama-mha-alibi'")
         encoding_of(chosen)
         return chosen
     given = encoding_of(model_type)
@@ -285,13 +285,13 @@ def resolve_model_type(path: str, original: dict, state: dict, model_type: Optio
             (f"its folder name says it was trained as {named!r}", named and encoding_of(named))]
     for what, encoding in said:
         if encoding and encoding != given:
-            raise wrong_model_type(f"{path}: {what}, not model_type={model_type!r}")
+            raise WrongModelType(f"{path}: {what}, not model_type={model_type!r}")
     if inferred is None and not tied and given not in ("rope", "alibi"):
-        raise wrong_model_type(f"{path}: its parameters are those of RoPE or ALiBi (GRAPE-AP has its own probe "
-                               f"projection c_p, or a p_tie_mode in config.json), not of model_type={model_type!r}")
+        raise WrongModelType(f"{path}: its parameters are those of RoPE or ALiBi (GRAPE-AP has its own probe "
+                             f"projection c_p, or a p_tie_mode in config.json), not of model_type={model_type!r}")
     if settings_from_model_type(model_type)["use_k_shift"] and not kv_in_folder:
-        raise wrong_model_type(f"{path}: model_type={model_type!r} asks for KV-shift, but the folder has no KV-shift "
-                               f"parameters (config.json: use_k_shift={original.get('use_k_shift', False)})")
+        raise WrongModelType(f"{path}: model_type={model_type!r} asks for KV-shift, but the folder has no KV-shift "
+                             f"parameters (config.json: use_k_shift={original.get('use_k_shift', False)})")
     return model_type
 
 
