@@ -21,9 +21,7 @@ from __future__ import annotations
 import gc
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -36,15 +34,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
 from training.backend_check import check_backends
-from training.checkpoint import CKPT_NAME, checkpoint_path, clean_state_dict, load_checkpoint, save_checkpoint
+from training.checkpoint import (CKPT_NAME, CheckpointError, DiskFull, clean_state_dict, free_bytes, load_checkpoint,
+                                 save_checkpoint)
 from training.configurator import ConfigError, model_fields
 from training.dataloader import TokenBatches
 from training.divergence import (Divergence, NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss,
                                  nonfinite_parameters)
-from training.run_dir import claim_on_rank0
+from training.out_dir_checks import LOG_NAME, OutDirError, checkpoint_bytes, human
+from training.run_dir import checkpoint_to_resume, claim_on_rank0
 from training.runlog import JsonlLog
 from training.settings import get_lr, model_config_from
 from training.sizing import gpu_peak_flops
+from training.stop_signals import Interrupted, StopRequests
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,7 +87,8 @@ class Runtime:
         return x.to(self.device), y.to(self.device)
 
     def close(self) -> None:
-        if self.ddp:
+        """Leave the process group and restore the determinism switch (once; safe to repeat)."""
+        if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
         torch.use_deterministic_algorithms(self.was_deterministic)
 
@@ -180,7 +182,11 @@ def model_for(cfg, explicit: set[str], ckpt: Optional[dict], resume_from: str) -
         model_config = model_config_from({k: cfg[k] for k in model_fields()})
     else:
         kernel = {"attn_backend": cfg.attn_backend} if "attn_backend" in explicit else {}
-        model_config = model_config_from({**ckpt["model_config"], **kernel})
+        try:
+            model_config = model_config_from({**ckpt["model_config"], **kernel})
+        except Exception as e:                    # values the model refuses, or of the wrong type, in the file
+            raise CheckpointError(f"{resume_from}: its model_config does not describe a model this repository can "
+                                  f"build ({str(e).strip().splitlines()[-1].strip()[:300]})") from None
         differing = [f"{k}={cfg[k]!r} (checkpoint: {getattr(model_config, k)!r})" for k in model_fields()
                      if k in explicit and k != "attn_backend" and getattr(model_config, k) != cfg[k]]
         if differing:
@@ -209,6 +215,23 @@ def weight_decay_groups_of(cfg, explicit: set[str], ckpt: Optional[dict], resume
     return saved
 
 
+def check_resumable(cfg, ckpt: dict, world: int, path: str) -> None:
+    """ConfigError, before anything is written, for settings the checkpoint's data state cannot
+    continue with: another data_rng_mode or data seed, or (stateful data) another number of ranks."""
+    saved = ckpt.get("config", {})
+    for key in ("data_rng_mode", "data_seed"):
+        if key in saved and saved[key] != cfg[key]:
+            follows = " (data_seed follows seed unless set)" if key == "data_seed" else ""
+            raise ConfigError(f"cannot resume from {path} with {key}={cfg[key]!r}: it was trained with "
+                              f"{key}={saved[key]!r}{follows}; resume with the same value, or start a new run in "
+                              "another out_dir")
+    ranks = len(ckpt.get("rank_states") or [])
+    if cfg.data_rng_mode == "stateful" and ranks != world:
+        raise ConfigError(f"cannot resume from {path} on {world} rank(s): it was written by {ranks}, and "
+                          "data_rng_mode='stateful' continues each rank's own data stream; resume with "
+                          f"WORLD_SIZE={ranks} (data_rng_mode='stateless' runs resume on any number of ranks)")
+
+
 class RolledBack(Exception):
     """The run went back to its last checkpoint; the loop starts over from there."""
 
@@ -221,12 +244,20 @@ class Trainer:
     def __init__(self, cfg, explicit: set[str], runtime: Runtime, on_exit: ExitStack):
         self.cfg, self.rt = cfg, runtime
         rt = runtime
+        # SIGTERM and Ctrl-C from now on: checkpoint after the step they arrive in, then exit
+        self.stops = StopRequests(announce=rt.master).install()
+        on_exit.callback(self.stops.restore)
         # -- model, optimizer, state (nothing is written to out_dir before the claim) ------
         self.resume_from = cfg.resume_dir or cfg.out_dir
         resuming = cfg.init_from == "resume"
-        ckpt = load_checkpoint(self.resume_from, map_location="cpu") if resuming else None
-        self.raw_model = model_for(cfg, explicit, ckpt, self.resume_from).to(rt.device)
-        cfg.weight_decay_on = weight_decay_groups_of(cfg, explicit, ckpt, self.resume_from)
+        ckpt = None
+        if resuming:
+            self.resume_path = checkpoint_to_resume(self.resume_from)
+            ckpt = load_checkpoint(self.resume_path, map_location="cpu")
+            check_resumable(cfg, ckpt, rt.world, self.resume_path)
+        where = self.resume_path if resuming else self.resume_from
+        self.raw_model = model_for(cfg, explicit, ckpt, where).to(rt.device)
+        cfg.weight_decay_on = weight_decay_groups_of(cfg, explicit, ckpt, where)
         groups = self.raw_model.optimizer_groups(cfg.weight_decay, cfg.weight_decay_on)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                            fused=rt.device.type in ("cuda", "cpu"))   # much faster than foreach
@@ -234,15 +265,12 @@ class Trainer:
         self.iter_num, self.best_val_loss, self.wandb_id, self.val_loss = 0, float("inf"), None, None
 
         # -- out_dir: one run at a time -------------------------------------------------------
-        resumes_out_dir = resuming and os.path.realpath(os.path.dirname(checkpoint_path(self.resume_from))) \
+        resumes_out_dir = resuming and os.path.realpath(os.path.dirname(self.resume_path)) \
             == os.path.realpath(cfg.out_dir)
         self.fresh = not cfg.eval_only and not resumes_out_dir       # would replace what out_dir holds
-        try:
-            lock = claim_on_rank0(cfg.out_dir, self.fresh, cfg.overwrite_out_dir, rt.master, rt.ddp)
-        except BaseException:
-            if rt.ddp:
-                dist.destroy_process_group()     # every rank gets here: rank 0's verdict is broadcast
-            raise
+        self.checkpoint_bytes = checkpoint_bytes(self.raw_model)
+        lock = claim_on_rank0(cfg.out_dir, self.fresh, cfg.overwrite_out_dir, rt.master, rt.ddp,
+                              self.checkpoint_bytes)
         if lock is not None:
             on_exit.callback(lock.release)
         if cfg.check_backends and rt.device.type == "cuda":       # before the first step (backend_check.py)
@@ -274,10 +302,10 @@ class Trainer:
         self.recovery = Recovery()
         self.last_good, self.last_good_iter = None, None
         if ckpt is not None:
-            self.restore(ckpt)
+            self.restore(ckpt, self.resume_path)
             self.wandb_id = ckpt.get("wandb_id")
             self.recovery = Recovery.from_state(ckpt.get("recovery"))
-            self.last_good, self.last_good_iter = checkpoint_path(self.resume_from), self.iter_num
+            self.last_good, self.last_good_iter = self.resume_path, self.iter_num
             del ckpt                                 # a CPU copy of model + optimizer: free it
         self.watch = NonFiniteWatch(rt.device)
 
@@ -286,16 +314,16 @@ class Trainer:
         self.bar, self.log, self.wandb_run = None, None, None
         if rt.master:
             self.open_logs()
-        self.stop_flag = False
-        self.previous_handler = None
 
     # -- set-up helpers ------------------------------------------------------------------------
     def open_logs(self) -> None:
         cfg, c = self.cfg, self.raw_model.config
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"))
-        if self.fresh:
-            open(self.log.path, "w").close()        # a new run starts a new log; a resume appends
+        path = os.path.join(cfg.out_dir, LOG_NAME)
+        try:                                         # a new run starts a new log; a resume appends
+            self.log = JsonlLog.create(path) if self.fresh else JsonlLog.append_to(path)
+        except OSError as e:
+            link = f" (a symbolic link to {os.readlink(path)}; a run never makes one)" if os.path.islink(path) else ""
+            raise OutDirError(f"cannot write {path}{link}: {e.strerror}") from None
         print(f"model: {c.pos_encoding}, {c.n_layer} layers, n_embd {c.n_embd}, "
               f"{self.raw_model.num_parameters_unique() / 1e6:.2f}M parameters; {self.rt.world} rank(s) on "
               f"{self.rt.device}, {self.rt.dtype}; {self.tokens_per_iter:,} tokens per iteration; data {self.data_dir}")
@@ -306,17 +334,19 @@ class Trainer:
                                         mode=cfg.wandb_mode or None, id=self.wandb_id, resume="allow")
             self.wandb_id = self.wandb_run.id
 
-    def restore(self, ckpt: dict) -> None:
-        """Weights, optimizer, scaler, iteration, best loss and this rank's RNG and data state."""
-        self.raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+    def restore(self, ckpt: dict, path: str) -> None:
+        """Weights, optimizer, scaler, iteration, best loss and this rank's RNG and data state
+        (check_resumable has refused settings the data state cannot follow)."""
+        try:
+            self.raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:     # torch's messages span lines: the first says it
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+            raise CheckpointError(f"{path} does not fit the model its own config describes: {detail[:300]}") from None
         states = ckpt.get("rank_states") or []
         if len(states) == self.rt.world:
             restore_rank_state(states[self.rt.rank], self.train_batches)
-        elif self.train_batches.mode == "stateful":
-            raise ValueError(f"checkpoint was written by {len(states)} rank(s), this run has {self.rt.world}; "
-                             "data_rng_mode='stateful' resumes only with the same WORLD_SIZE")
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
 
     def say(self, msg: str) -> None:
@@ -419,12 +449,12 @@ class Trainer:
             raise TrainingDiverged(f"training diverged by iter {self.iter_num}: the weights {', '.join(bad[:4])} "
                                    f"are not finite; nothing was saved ({self.stop_advice()})")
         path = os.path.join(self.cfg.out_dir, CKPT_NAME)
-        self.last_good, self.last_good_iter = path, self.iter_num
         states = [rank_state(self.train_batches)]
         if self.rt.ddp:
             states = [None] * self.rt.world
             dist.all_gather_object(states, rank_state(self.train_batches))
         if not self.rt.master:
+            self.last_good, self.last_good_iter = path, self.iter_num    # rank 0 stops the job if it fails
             return path
         state = {
             "model": clean_state_dict(self.raw_model.state_dict()),
@@ -440,9 +470,26 @@ class Trainer:
             "wandb_id": self.wandb_id,
             "recovery": self.recovery.state_dict(),
         }
-        save_checkpoint(self.cfg.out_dir, state, self.raw_model, best=best)
+        try:
+            save_checkpoint(self.cfg.out_dir, state, self.raw_model, best=best)
+        except DiskFull as e:
+            raise CheckpointError(self.disk_full_message(e.what)) from None
+        self.last_good, self.last_good_iter = path, self.iter_num
         self.say(f"saved checkpoint at iter {self.iter_num} to {self.cfg.out_dir}" + (" (best so far)" if best else ""))
         return path
+
+    def disk_full_message(self, what: str) -> str:
+        out_dir = self.cfg.out_dir
+        return (f"disk full while saving the checkpoint of iter {self.iter_num} to {out_dir} (writing {what}; "
+                f"{human(free_bytes(out_dir))} free, a checkpoint needs about {human(self.checkpoint_bytes)}); "
+                f"{self.kept()}. Free some space, then "
+                + ("resume with --init_from=resume" if self.last_good else "start the run again"))
+
+    def kept(self, state: str = "intact") -> str:
+        """What the last checkpoint is, for messages about stopping."""
+        if self.last_good:
+            return f"the last checkpoint, {self.last_good} (iter {self.last_good_iter}), is {state}"
+        return "no checkpoint had been written yet"
 
     def check_finite(self, event: Optional[Divergence]) -> None:
         """Nothing to do for no event; else stop (TrainingDiverged) or roll back (RolledBack).
@@ -463,7 +510,7 @@ class Trainer:
 
     def roll_back(self, event: Divergence) -> None:
         """Back to the last checkpoint; skip the batches of the iterations since; lower the lr."""
-        self.restore(load_checkpoint(self.last_good, map_location="cpu"))
+        self.restore(load_checkpoint(self.last_good, map_location="cpu"), self.last_good)
         skipped = self.recovery.roll_back(event.iter, self.iter_num, self.cfg.rollback_lr_factor)
         if not self.stateless:
             self.train_batches.skip(skipped * self.cfg.gradient_accumulation_steps)
@@ -501,10 +548,11 @@ class Trainer:
         return self.iter_num % self.cfg.log_interval == 0 or self.iter_num >= self.cfg.max_iters
 
     def stop_requested(self) -> bool:
-        """SIGTERM (cluster pre-emption) on any rank: every rank stops at this step."""
+        """SIGTERM (cluster pre-emption) or Ctrl-C on any rank: every rank stops at this step."""
+        asked = self.stops.requested is not None
         if not self.rt.ddp:
-            return self.stop_flag
-        return bool(self.rt.all_mean(torch.tensor(float(self.stop_flag), device=self.rt.device)).item() > 0)
+            return asked
+        return bool(self.rt.all_mean(torch.tensor(float(asked), device=self.rt.device)).item() > 0)
 
     def run(self) -> dict:
         """Train to max_iters (or evaluate once with eval_only); returns the run's summary."""
@@ -512,8 +560,6 @@ class Trainer:
         if self.show:
             from tqdm import tqdm
             self.bar = tqdm(total=self.cfg.max_iters, initial=self.iter_num, unit="it", dynamic_ncols=True)
-        if threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_flag", True))
         self.reset_interval()
         try:
             while True:
@@ -527,11 +573,15 @@ class Trainer:
                         self.log_progress()
                     if self.stop_requested():
                         self.check_finite(self.watch.poll())
-                        self.say(f"SIGTERM received: saving a checkpoint at iter {self.iter_num} and exiting")
+                        self.say(f"{self.stops.requested or 'stop'} received: saving a checkpoint at iter "
+                                 f"{self.iter_num} and exiting")
                         self.save()
                         break
                 except RolledBack:
                     continue
+        except KeyboardInterrupt:                # a second Ctrl-C: at once, nothing saved
+            raise Interrupted(f"stopped by a second Ctrl-C at iter {self.iter_num} without saving; "
+                              f"{self.kept('untouched')}") from None
         finally:
             self.close()
             self.rt.close()
@@ -541,8 +591,7 @@ class Trainer:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
+        self.stops.restore()
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if self.rt.ddp:
