@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from training import checkpoint, trainer
+from training import checkpoint, runlog, trainer
 from training.checkpoint import load_checkpoint, load_model
 from test_training import data_dir, read_log, tiny  # noqa: F401  (data_dir: a fixture)
 from train_adam_finewebedu import cli, main
@@ -115,3 +115,23 @@ def test_a_read_only_out_dir_is_one_line_at_start_up(data_dir, small_disk):
     fresh = os.path.join(disk, "fresh")
     message = exit_message(tiny(data_dir, fresh, "--max_iters=3"))
     assert message == f"out_dir error: cannot write in {fresh}: Read-only file system ({fresh})"
+
+
+def test_disk_full_while_logging_is_one_line_and_the_run_starts_over_once_there_is_room(data_dir, small_disk,
+                                                                                         monkeypatch):
+    disk = small_disk(64 * 2 ** 20)
+    out = os.path.join(disk, "run")
+    real_create = runlog.JsonlLog.create
+
+    def create_then_fill_the_disk(path):            # the first record needs the file's first page
+        log = real_create(path)
+        fill(os.path.dirname(path), 0)
+        return log
+    monkeypatch.setattr(runlog.JsonlLog, "create", staticmethod(create_then_fill_the_disk))
+    message = exit_message(tiny(data_dir, out, "--max_iters=4", "--eval_interval=2"))
+    assert message == (f"out_dir error: cannot write {out}/log.jsonl at iter 0: No space left on device; no "
+                       "checkpoint had been written yet")
+    monkeypatch.undo()
+    os.remove(os.path.join(out, "..filler"))
+    assert main(tiny(data_dir, out, "--max_iters=4", "--eval_interval=2", "--overwrite_out_dir=True"))["iter_num"] == 4
+    assert [r["iter"] for r in read_log(out) if "train_loss" in r] == [1, 2, 3, 4]

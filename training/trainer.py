@@ -357,9 +357,17 @@ class Trainer:
         """One log.jsonl record, and the same values to wandb when it is on (rank 0)."""
         if not self.rt.master:
             return
-        self.log.write(**record)
+        self.write_log(**record)
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_values, step=self.iter_num)
+
+    def write_log(self, **record) -> None:
+        """One log.jsonl record (rank 0); a disk that cannot take it stops the run in one line."""
+        try:
+            self.log.write(**record)
+        except OSError as e:
+            raise OutDirError(f"cannot write {self.log.path} at iter {self.iter_num}: {e.strerror}; "
+                              f"{self.kept()}") from None
 
     # -- the steps -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -498,7 +506,7 @@ class Trainer:
             return
         self.say(str(event))
         if self.rt.master:
-            self.log.write(iter=event.iter, diverged=event.what)
+            self.write_log(iter=event.iter, diverged=event.what)
         if self.cfg.on_divergence != "rollback":
             raise TrainingDiverged(f"{event}. Nothing non-finite was saved; {self.stop_advice()}")
         if self.last_good is None or self.recovery.rollbacks >= self.cfg.max_rollbacks:
@@ -524,7 +532,7 @@ class Trainer:
                  f"{self.iter_num + 1}..{event.iter}; learning rate x{self.recovery.lr_scale:g} from now on "
                  f"(rollback {self.recovery.rollbacks} of at most {self.cfg.max_rollbacks})")
         if self.rt.master:
-            self.log.write(iter=self.iter_num, rollback_from=event.iter, skipped_iters=skipped,
+            self.write_log(iter=self.iter_num, rollback_from=event.iter, skipped_iters=skipped,
                            lr_scale=self.recovery.lr_scale)
 
     def stop_advice(self) -> str:
