@@ -114,8 +114,8 @@ def precision_report(args, encodings) -> str:
 # ----------------------------------------------------------------------------------------
 
 def table(results: dict, what: str, Ts, encodings) -> list[str]:
-    lines = [f"| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
-             f"| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
+    lines = ["| T | encoding | auto uses | time auto (ms) | ×RoPE | time dense (ms) | auto/dense "
+             "| peak auto (MiB) | ×RoPE | peak dense (MiB) | auto/dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = lambda r: r is not None and "error" not in r
     for T, enc, a, d, rope in measured_rows(results, what, Ts, encodings):

@@ -104,8 +104,8 @@ class Run:
     out_dir: str        # the training script's out_dir
 
     @property
-    def name(self) -> str:
-        return f"{self.encoding} seed {self.index}"
+    def name(self) -> str:           # 'rope run 0': run i has seed base + i (the seed itself is not i)
+        return f"{self.encoding} run {self.index}"
 
     @property
     def state_path(self) -> str:     # the driver's record, beside (not inside) the training out_dir
@@ -280,7 +280,8 @@ def train(run: Run, state: dict, cmd: list[str], max_iters: int, prefix: str) ->
 def evaluate(run: Run, multipliers: list[int], num_windows: int, batch_size: int, device: str) -> dict:
     """Loss by position of the final checkpoint at each context multiple (eval_length.py)."""
     from training import length_eval
-    from training.checkpoint import hf_progress_bars_off, load_model
+    from training.checkpoint import load_model
+    from training.progress import hf_progress_bars_off
     t0 = time.time()
     with hf_progress_bars_off():          # from_pretrained's per-load bar (restored afterwards)
         results = length_eval.evaluate([run.out_dir], multipliers, num_windows, batch_size=batch_size,
@@ -428,7 +429,8 @@ def main(argv=None) -> int:
             done = is_done(run, settings[run.out_dir], opts)
             at = checkpoint_iter(run.out_dir)
             what = "done" if done else (f"resume from iter {at}" if at is not None else "new")
-            print(f"{run.name}: {what}\n    {shlex.join(commands[run.out_dir])}")
+            print(f"{run.name} (seed {run.seed}, data_seed {run.data_seed}): {what}\n    "
+                  f"{shlex.join(commands[run.out_dir])}")
         return 0
     if opts.report_only:
         print(f"wrote {report()}")

@@ -25,7 +25,8 @@ import sys
 import torch
 
 from training.checkpoint import CheckpointError
-from training.length_eval import LengthResult, bucket, evaluate, table
+from training.length_eval import (LengthResult, bucket, evaluate, resolve_data_dir, table, training_config,
+                                  training_validation_loss)
 from training.shards import ShardError
 
 def plot(results: list[LengthResult], path: str, n_buckets: int = 64) -> None:
@@ -92,8 +93,27 @@ def main(argv=None) -> list[LengthResult]:
                        args.device, args.labels.split(",") if args.labels else None)
     files = write_outputs(results, args.out_dir)
     print(table(results))
+    print(what_is_measured(results, args.data_dir, args.device))
     print("wrote " + ", ".join(files.values()))
     return results
+
+
+def what_is_measured(results: list[LengthResult], data_dir: str | None, device: str) -> str:
+    """Says which tokens the table's losses are over, and checks this program against the training
+    log: on the run's own validation batches it gives the log's ``val_loss``."""
+    first = {r.path: r for r in reversed(results)}           # the 1x (shortest) result of each checkpoint
+    lines = []
+    for path, r in first.items():
+        lines.append(f"{r.label}: {r.multiplier}x = the mean over {r.n_windows} windows of {r.length} tokens spread "
+                     "evenly over the val split (every length reads the same tokens)")
+        shards = data_dir or resolve_data_dir(path, training_config(path))
+        own = training_validation_loss(path, shards, device)
+        if own is not None:
+            logged = f"; log.jsonl at iter {own['iter']}: {own['logged']:.4f}" if own["logged"] is not None else ""
+            lines.append(f"  on the training run's own validation batches ({own['windows']} random windows of "
+                         f"{own['T']} tokens, eval_seed): {own['loss']:.4f}{logged}; the two samples of the val "
+                         "split differ, so their means differ by sampling")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

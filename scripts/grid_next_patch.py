@@ -87,16 +87,17 @@ def table(results: list[dict], args) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encodings", nargs="+", default=ENCODINGS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--encodings", nargs="+", default=ENCODINGS, help="models to train and compare")
     p.add_argument("--train_size", type=int, default=12, help="training images are size x size")
     p.add_argument("--eval_size", type=int, default=16, help="also evaluate on larger images")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--eval_images", type=int, default=256)
+    p.add_argument("--steps", type=int, default=300, help="AdamW steps per model")
+    p.add_argument("--batch_size", type=int, default=16, help="images per step")
+    p.add_argument("--eval_images", type=int, default=256, help="fresh images per evaluation")
     p.add_argument("--width", type=int, default=64, help="n_embd (4 heads)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (20 warm-up steps, then linear decay to a tenth)")
+    p.add_argument("--seed", type=int, default=0, help="model init and images")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a model this small gains little from more)")
     p.add_argument("--write", action="store_true", help="record the table in results/BENCHMARKS.md")
     return p.parse_args(argv)

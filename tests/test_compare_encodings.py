@@ -185,7 +185,9 @@ def test_all_skips_encodings_the_config_cannot_build_and_a_named_one_is_an_error
     assert compare_encodings.main(args) == 0
     printed = capsys.readouterr()
     assert "skipping rope: head_dim=15 must be even" in printed.err
-    planned = re.findall(r"^(\S+) seed 0: new$", printed.out, flags=re.M)
+    planned = re.findall(r"^(\S+) run 0 \(seed (\d+), data_seed (\d+)\): new$", printed.out, flags=re.M)
+    assert {(seed, data_seed) for _, seed, data_seed in planned} == {("7", "11")}   # the config's, not 0
+    planned = [encoding for encoding, _, _ in planned]
     assert "alibi" in planned and "nope" in planned and "rope" not in planned
     with pytest.raises(SystemExit, match="config error for rope: head_dim=15 must be even"):
         compare_encodings.main([config, "--encodings", "rope,alibi", "--out_root", str(tmp_path / "runs"),

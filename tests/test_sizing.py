@@ -74,7 +74,7 @@ def test_factor_rejects_an_estimate_missing_its_dominant_part(name):
         wrong = sizing.estimate(GPTConfig(**{**BASE, **CASES[name][0], "attn_backend": "chunked"}),
                                 CASES[name][1], device_type="cpu", autocast=None, compiled=False).peak
     elif how == "no_logits":
-        wrong = est.peak - est.memory["logits and loss (3 float32 tokens x vocab)"]
+        wrong = est.peak - est.memory["logits and loss (3 float32 tokens x vocab arrays: log-softmax, 2 gradients)"]
     else:
         wrong = est.peak - est.memory["AdamW state (2 x float32)"]
     ratio = measured(name) / wrong

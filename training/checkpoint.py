@@ -21,7 +21,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 import zipfile
@@ -32,6 +31,7 @@ import torch
 
 from model import GPT, GPTConfig
 from training.original_checkpoint import WrongModelType, is_original_folder, load_original
+from training.progress import hf_progress_bars_off, on_terminal
 
 CKPT_NAME = "ckpt.pt"          # the latest checkpoint: what --init_from=resume continues
 BEST_NAME = "best.pt"          # the checkpoint with the lowest validation loss so far
@@ -122,20 +122,6 @@ def atomic_torch_save(obj, path: str) -> None:
     tmp = write_temporary(obj, path)
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-@contextmanager
-def hf_progress_bars_off(off: bool = True):
-    """transformers' progress bars off inside the block (when ``off``), as they were after it."""
-    from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if off:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if off and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def stage_pretrained(model, out_dir: str) -> str:
@@ -323,7 +309,7 @@ def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, 
                 raise CheckpointError(str(e)) from None
         if model_type is not None:
             raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
-        with hf_progress_bars_off(not sys.stderr.isatty()), cannot_build(path):   # no bars in log files
+        with hf_progress_bars_off(not on_terminal()), cannot_build(path):   # no bars in log files
             return GPT.from_pretrained(path, **overrides)
     if os.path.isdir(path):
         path = os.path.join(path, CKPT_NAME)

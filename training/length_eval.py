@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from model import GPT
-from training.checkpoint import load_model, read_checkpoint_file
+from training.checkpoint import CKPT_NAME, load_model, read_checkpoint_file
+from training.dataloader import TokenBatches
+from training.progress import progress_bar
+from training.runlog import run_log
 from training.shards import ShardError, check_token_ids, list_shards, read_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -92,7 +94,7 @@ def position_losses(model: GPT, windows: list[np.ndarray], length: int, batch_si
     use_amp = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     total = torch.zeros(length, dtype=torch.float64)
-    for i in tqdm(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    for i in progress_bar(range(0, len(pieces), batch_size), desc=desc, unit="batch", leave=False):
         rows = torch.stack(pieces[i:i + batch_size]).to(device)
         with amp:
             logits, _ = model(rows[:, :-1])
@@ -123,6 +125,36 @@ def evaluate(paths: list[str], multipliers=(1, 2, 4), num_windows: int = 32, dat
             results.append(LengthResult(label, path, trained, k, n, loss))
         del model
     return results
+
+
+@torch.no_grad()
+def training_validation_loss(path: str, data_dir: str, device: str = "cpu") -> dict | None:
+    """The checkpoint's loss on its training run's own validation batches: what log.jsonl's
+    ``val_loss`` measures (``eval_iters`` batches of ``batch_size`` random windows of
+    ``block_size`` tokens drawn with ``eval_seed``, each rank its own, averaged), next to the
+    last value the log holds. None for a checkpoint without a training run's config."""
+    ckpt = path if os.path.isfile(path) else os.path.join(path, CKPT_NAME)
+    if not os.path.exists(ckpt):
+        return None
+    state = read_checkpoint_file(ckpt)
+    config, world = dict(state.get("config") or {}), int(state.get("world_size") or 1)
+    if not all(k in config for k in ("batch_size", "block_size", "eval_iters", "eval_seed")):
+        return None
+    model = load_model(ckpt).to(device).eval()
+    batches = TokenBatches(data_dir, "val", config["batch_size"], config["block_size"], seed=config["eval_seed"],
+                           mode="stateless", vocab_size=model.config.vocab_size)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    total = 0.0
+    for k in range(config["eval_iters"]):
+        for rank in range(world):
+            x, y = batches.get(k, rank)
+            with amp:
+                total += model(x.to(device), y.to(device))[1].double().item()
+    log = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "log.jsonl")
+    logged = run_log(log)["val"] if os.path.exists(log) else []
+    return {"loss": total / (config["eval_iters"] * world), "windows": config["eval_iters"] * config["batch_size"] * world,
+            "T": config["block_size"], "iter": state.get("iter_num"),
+            "logged": logged[-1][2] if logged and logged[-1][0] == state.get("iter_num") else None}
 
 
 def table(results: list[LengthResult]) -> str:

@@ -343,9 +343,9 @@ def write(report_dir: str, runs: list, settings: dict, command: list[str], base,
         first = settings[next(s["out_dir"] for s in summaries)]
         lines += ["", *settings_text(base, first, nproc_per_node), ""]
         lines += ["## Table", "",
-                  f"Sorted by final validation loss (the last evaluation in each run's `log.jsonl`), mean ± sample "
-                  f"std over seeds. Loss at k× is eval_length.py on the final checkpoint, on the same validation tokens "
-                  f"at every length (" + ", ".join(f"{n} windows of {k}T" for k, n in sorted(summaries[0]['n_windows'].items()))
+                  "Sorted by final validation loss (the last evaluation in each run's `log.jsonl`), mean ± sample "
+                  "std over seeds. Loss at k× is eval_length.py on the final checkpoint, on the same validation tokens "
+                  "at every length (" + ", ".join(f"{n} windows of {k}T" for k, n in sorted(summaries[0]['n_windows'].items()))
                   + f"). ≈: the difference from "
                   f"`{ref}` is smaller than the combined seed spread sqrt(std² + std_{ref}²)." if ref else
                   "Sorted by final validation loss, mean ± sample std over seeds.",

@@ -273,7 +273,7 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
             memory["half-precision weight copies"] = copies
         memory[f"activations of {L} layers, {B} x {T} tokens"] = layers
         if head >= transient:
-            memory["logits and loss (3 float32 tokens x vocab)"] = head
+            memory["logits and loss (3 float32 tokens x vocab arrays: log-softmax, 2 gradients)"] = head
         else:
             memory[f"{backend} attention temporaries of one layer"] = transient
     else:                                   # a tiny micro-batch: the gradients make the peak
@@ -400,11 +400,12 @@ def report(cfg, est: Estimate, target: Target) -> str:
         f"  target              {target.name} ({target.source})",
         f"  attention backend   {est.backend}; {est.precision}; "
         f"{'torch.compile' if est.compiled else 'eager'}",
-        "  memory per device (estimate; see sizing.py for the model):",
+        "  memory per device (estimate; the model of it: training/sizing.py):",
     ]
+    width = max(46, *(len(name) + 2 for name in est.memory))
     for name, value in est.memory.items():
-        lines.append(f"    {name:46s}{g(value)}")
-    lines.append(f"    {'peak (the sum)':46s}{g(est.peak)}")
+        lines.append(f"    {name:{width}s}{g(value)}")
+    lines.append(f"    {'peak (the sum)':{width}s}{g(est.peak)}")
     if target.memory is not None:
         word, advice = verdict(est, target, B)
         extra = (f" + {CUDA_RESERVE_GIB + (NCCL_RESERVE_GIB if target.world_size > 1 else 0):.1f} GiB "

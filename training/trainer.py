@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import os
 import random
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from training.dataloader import TokenBatches
 from training.divergence import (Divergence, NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss,
                                  nonfinite_parameters)
 from training.out_dir_checks import LOG_NAME, OutDirError, checkpoint_bytes, human
+from training.progress import on_terminal, progress_bar
 from training.run_dir import checkpoint_to_resume, claim_on_rank0
 from training.runlog import JsonlLog
 from training.settings import get_lr, model_config_from
@@ -310,10 +310,12 @@ class Trainer:
         self.watch = NonFiniteWatch(rt.device)
 
         # -- logging ---------------------------------------------------------------------------
-        self.show = rt.master and cfg.progress and sys.stderr.isatty()
+        self.show = rt.master and cfg.progress          # bars on a terminal only (training/progress.py)
         self.bar, self.log, self.wandb_run = None, None, None
         if rt.master:
             self.open_logs()
+        self.first_val = None                  # (iter, loss) of this run's first evaluation
+        self.preempted = False
 
     # -- set-up helpers ------------------------------------------------------------------------
     def open_logs(self) -> None:
@@ -377,7 +379,8 @@ class Trainer:
         self.check_finite(self.watch.poll())
         self.eval_model.eval()
         total = torch.zeros((), device=self.rt.device, dtype=torch.float64)
-        for k in tqdm_range(self.cfg.eval_iters, self.show and self.cfg.eval_iters >= 20, "val"):
+        for k in progress_bar(range(self.cfg.eval_iters), enabled=self.show and self.cfg.eval_iters >= 20,
+                              desc="val", leave=False):
             x, y = self.rt.to_device(*self.val_batches.get(k, self.rt.rank))
             with self.rt.autocast():
                 _, loss = self.eval_model(x, y)
@@ -386,6 +389,7 @@ class Trainer:
         val_loss = self.rt.all_mean(total / self.cfg.eval_iters).item()
         self.check_finite(check_validation_loss(self.iter_num, val_loss))
         self.val_loss = val_loss
+        self.first_val = self.first_val or (self.iter_num, val_loss)
         self.say(f"iter {self.iter_num}: val loss {val_loss:.4f}")
         tokens = self.iter_num * self.tokens_per_iter
         self.record({"val/loss": val_loss, "tokens": tokens}, iter=self.iter_num, tokens=tokens, val_loss=val_loss)
@@ -565,10 +569,10 @@ class Trainer:
     def run(self) -> dict:
         """Train to max_iters (or evaluate once with eval_only); returns the run's summary."""
         self.start_iter = self.iter_num
-        if self.show:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.cfg.max_iters, initial=self.iter_num, unit="it", dynamic_ncols=True)
+        if self.show and on_terminal():
+            self.bar = progress_bar(total=self.cfg.max_iters, initial=self.iter_num, unit="it")
         self.reset_interval()
+        started = time.time()
         try:
             while True:
                 try:
@@ -584,9 +588,11 @@ class Trainer:
                         self.say(f"{self.stops.requested or 'stop'} received: saving a checkpoint at iter "
                                  f"{self.iter_num} and exiting")
                         self.save()
+                        self.preempted = True
                         break
                 except RolledBack:
                     continue
+            self.say(self.summary(time.time() - started))
         except KeyboardInterrupt:                # a second Ctrl-C: at once, nothing saved
             raise Interrupted(f"stopped by a second Ctrl-C at iter {self.iter_num} without saving; "
                               f"{self.kept('untouched')}") from None
@@ -595,6 +601,18 @@ class Trainer:
             self.rt.close()
         return {"iter_num": self.iter_num, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
                 "out_dir": self.cfg.out_dir, "model": self.raw_model}
+
+    def summary(self, seconds: float) -> str:
+        """What the run did, in one line, for whoever started it."""
+        cfg = self.cfg
+        trained = self.iter_num - self.start_iter
+        text = f"{f'stopped by {self.stops.requested}' if self.preempted else 'done'}: {trained} iterations ({trained * self.tokens_per_iter:,} tokens) in {seconds:.0f} s"
+        if self.first_val is not None and self.val_loss is not None:
+            text += (f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]} -> {self.val_loss:.3f} "
+                     f"at iter {self.iter_num} (best {self.best_val_loss:.3f})")
+        if self.last_good is not None and not cfg.eval_only:
+            text += f"; checkpoint and Hugging Face folder in {cfg.out_dir}"
+        return text
 
     def close(self) -> None:
         if self.bar is not None:
@@ -609,9 +627,3 @@ class Trainer:
             del self.model
             gc.collect()
 
-
-def tqdm_range(n: int, enabled: bool, desc: str):
-    if not enabled:
-        return range(n)
-    from tqdm import tqdm
-    return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True)
