@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from training import checkpoint
+from training import checkpoint, trainer
 from training.trainer import Trainer
 from test_training import ROOT, data_dir, read_log, start, tiny, train_losses, wait_for  # noqa: F401
 from train_adam_finewebedu import cli, main
@@ -83,3 +83,21 @@ def python_value(text: str) -> str:
         return text
     except ValueError:
         return repr(text)
+
+
+def test_a_stop_asked_while_the_run_is_set_up_exits_before_the_first_step(data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2"))
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    real_claim = trainer.claim_on_rank0
+
+    def claim_then_sigterm(*args, **kwargs):        # pre-empted while the data loads
+        lock = real_claim(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return lock
+    monkeypatch.setattr(trainer, "claim_on_rank0", claim_then_sigterm)
+    capsys.readouterr()
+    assert main(tiny(data_dir, out, "--max_iters=8", "--init_from=resume"))["iter_num"] == 2
+    assert "SIGTERM received before the first step: nothing new to save; exiting" in capsys.readouterr().out
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert [r["iter"] for r in read_log(out) if "train_loss" in r] == [1, 2]

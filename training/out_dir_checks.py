@@ -10,6 +10,7 @@ wrote (a folder of bare source files is someone's code). Everything here only re
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -77,12 +78,18 @@ def is_run_entry(out_dir: str, name: str, code_names: frozenset[str]) -> bool:
     return name in code_names and written_by_this_repository(os.path.join(out_dir, "config.json"))
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_code_names() -> frozenset[str]:
+    """The .py files save_pretrained ships (found by reading model.py's imports, once)."""
+    from modeling.shipping import code_files
+    return frozenset(code_files())
+
+
 def foreign_entries(out_dir: str) -> list[str]:
     """What out_dir holds that no training run writes ([] for a missing folder)."""
     if not os.path.isdir(out_dir):
         return []
-    from modeling.shipping import code_files       # the names save_pretrained ships (read, not written)
-    code_names = frozenset(code_files())
+    code_names = shipped_code_names()
     foreign = [name for name in os.listdir(out_dir) if not is_run_entry(out_dir, name, code_names)]
     return sorted(foreign, key=lambda name: (name.startswith("."), name))     # hidden ones last
 

@@ -270,7 +270,7 @@ class Trainer:
         self.fresh = not cfg.eval_only and not resumes_out_dir       # would replace what out_dir holds
         self.checkpoint_bytes = checkpoint_bytes(self.raw_model)
         lock = claim_on_rank0(cfg.out_dir, self.fresh, cfg.overwrite_out_dir, rt.master, rt.ddp,
-                              self.checkpoint_bytes)
+                              0 if cfg.eval_only else self.checkpoint_bytes)     # eval_only saves nothing
         if lock is not None:
             on_exit.callback(lock.release)
         if cfg.check_backends and rt.device.type == "cuda":       # before the first step (backend_check.py)
@@ -574,7 +574,11 @@ class Trainer:
         self.reset_interval()
         started = time.time()
         try:
-            while True:
+            if self.stop_requested():           # asked while the run was being set up: nothing new to save
+                self.say(f"{self.stops.requested or 'a stop request'} received before the first step: nothing new "
+                         "to save; exiting")
+                self.preempted = True
+            while not self.preempted:
                 try:
                     if self.evaluation_due():
                         self.evaluate()
