@@ -15,7 +15,17 @@ if [[ $# -eq 0 || "${1:-}" == --* ]]; then
         echo "preparing the offline corpus (data/pydoc) ..."
         python data/pydoc/prepare.py
     fi
-    python train_adam_finewebedu.py config/cpu/train_cpu_grape_ap.py "$@"
+    # the trainer runs as a child so that this script can print what to do next; a SIGTERM sent
+    # to the script is passed on (the trainer saves and exits 0); Ctrl-C reaches it from the terminal
+    python train_adam_finewebedu.py config/cpu/train_cpu_grape_ap.py "$@" &
+    trainer=$!
+    trap 'kill -TERM "$trainer" 2>/dev/null || true' TERM
+    trap '' INT
+    status=0
+    while kill -0 "$trainer" 2>/dev/null; do
+        wait "$trainer" && status=0 || status=$?       # returns early when the trap runs: wait again
+    done
+    [[ $status -eq 0 ]] || exit "$status"
     out=out-cpu-grape-ap                                # the config's out_dir, unless overridden
     for arg in "$@"; do [[ "$arg" == --out_dir=* ]] && out="${arg#--out_dir=}"; done
     echo

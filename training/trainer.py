@@ -314,7 +314,7 @@ class Trainer:
         self.bar, self.log, self.wandb_run = None, None, None
         if rt.master:
             self.open_logs()
-        self.first_val = None                  # (iter, loss) of this run's first evaluation
+        self.first_val = self.last_val = None  # (iter, loss) of this run's first and latest evaluation
         self.preempted = False
 
     # -- set-up helpers ------------------------------------------------------------------------
@@ -388,8 +388,8 @@ class Trainer:
         self.eval_model.train()
         val_loss = self.rt.all_mean(total / self.cfg.eval_iters).item()
         self.check_finite(check_validation_loss(self.iter_num, val_loss))
-        self.val_loss = val_loss
-        self.first_val = self.first_val or (self.iter_num, val_loss)
+        self.val_loss, self.last_val = val_loss, (self.iter_num, val_loss)
+        self.first_val = self.first_val or self.last_val
         self.say(f"iter {self.iter_num}: val loss {val_loss:.4f}")
         tokens = self.iter_num * self.tokens_per_iter
         self.record({"val/loss": val_loss, "tokens": tokens}, iter=self.iter_num, tokens=tokens, val_loss=val_loss)
@@ -610,10 +610,13 @@ class Trainer:
         """What the run did, in one line, for whoever started it."""
         cfg = self.cfg
         trained = self.iter_num - self.start_iter
-        text = f"{f'stopped by {self.stops.requested}' if self.preempted else 'done'}: {trained} iterations ({trained * self.tokens_per_iter:,} tokens) in {seconds:.0f} s"
-        if self.first_val is not None and self.val_loss is not None:
-            text += (f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]} -> {self.val_loss:.3f} "
-                     f"at iter {self.iter_num} (best {self.best_val_loss:.3f})")
+        how = f"stopped by {self.stops.requested}" if self.preempted else "done"
+        text = f"{how}: {trained} iterations ({trained * self.tokens_per_iter:,} tokens) in {seconds:.0f} s"
+        if self.first_val is not None and self.last_val != self.first_val:
+            text += (f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]} -> {self.last_val[1]:.3f} "
+                     f"at iter {self.last_val[0]} (best {self.best_val_loss:.3f})")
+        elif self.first_val is not None:
+            text += f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]}"
         if self.last_good is not None and not cfg.eval_only:
             text += f"; checkpoint and Hugging Face folder in {cfg.out_dir}"
         return text
