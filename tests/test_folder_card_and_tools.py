@@ -53,6 +53,17 @@ def test_a_training_out_dir_carries_a_model_card_with_the_runs_facts(data_dir, t
         assert fact in body, fact
 
 
+def test_the_card_belongs_to_a_run_only_beside_its_config(tmp_path):
+    """out_dir checks: README.md is a run's file beside a config.json this repository wrote (a
+    resumed out_dir), anyone's own README otherwise (a folder the run must not take over)."""
+    from training.out_dir_checks import foreign_entries
+    (tmp_path / "README.md").write_text("my notes\n")
+    assert foreign_entries(str(tmp_path)) == ["README.md"]
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).save_pretrained(str(tmp_path / "run"))
+    assert foreign_entries(str(tmp_path / "run")) == []
+
+
 def test_a_folder_saved_outside_training_says_what_it_does_not_know(tmp_path):
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, pos_encoding="alibi")).save_pretrained(str(tmp_path))
