@@ -122,6 +122,24 @@ def task_findings(data: dict) -> list[str]:
     return out
 
 
+def literature_sentences(data: dict) -> list[str]:
+    """The literature's expectations (NoPE and ALiBi extrapolate, RoPE collapses past its training
+    length, recency biases hurt long-range recall) next to the numbers: for NoPE, ALiBi, RoPE and
+    FoX, every task solved at 1x with its mean accuracy at each length."""
+    acc = data["acc"]
+    out = []
+    for enc in ("nope", "alibi", "rope", "fox"):
+        if enc not in acc:
+            continue
+        parts = []
+        for task, by_k in acc[enc].items():
+            mults = sorted(by_k)
+            if by_k[mults[0]][0] >= SOLVED:
+                parts.append(f"{task} " + " → ".join(f"{by_k[k][0]:.2f}" for k in mults))
+        out.append(f"`{enc}`: " + ("; ".join(parts) if parts else f"solves no task at 1× (≥ {SOLVED})") + ".")
+    return out
+
+
 def lm_findings(data: dict, trained: int) -> list[str]:
     rises = [e for e, a in data.items() if a["gain"][1] is not None and a["gain"][0] - a["gain"][1] > 0]
     helps = [e for e, a in data.items() if a["gain"][1] is not None and a["gain"][0] + a["gain"][1] < 0]
@@ -323,7 +341,11 @@ def write_page(path: str, task_records: list[dict], lm_records: list[dict], meta
         lines += ["", "## Synthetic tasks", "", *task_budget(s, task_records), "",
                   f"![accuracy against evaluation length]({rel}/task_accuracy.png)", "",
                   *task_tables(data, s["train_length"]), "", "### Computed findings", "",
-                  *[f"- {x}" for x in task_findings(data)], "", f"Per-run numbers: `{rel}/tasks.csv`."]
+                  *[f"- {x}" for x in task_findings(data)], "",
+                  "The literature expects NoPE and ALiBi to extrapolate, RoPE to collapse past its training "
+                  "length and recency biases to hurt long-range recall. Accuracy at "
+                  + " → ".join(f"{k}×" for k in s["multipliers"]) + " on the tasks each solves at 1×:", "",
+                  *[f"- {x}" for x in literature_sentences(data)], "", f"Per-run numbers: `{rel}/tasks.csv`."]
     if lm_records:
         data = lm_table_data(lm_records)
         T = lm_records[0]["trained_context"]
