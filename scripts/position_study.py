@@ -40,7 +40,7 @@ from multiprocessing import get_context
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPARE = [sys.executable, os.path.join(ROOT, "compare_encodings.py")]
+COMPARE = [sys.executable, "-m", "scripts.compare_encodings"]
 PARTS = ("tasks", "lm")
 
 
@@ -188,8 +188,10 @@ def lm_root(opts) -> str:
 
 
 def compare_command(opts, encodings: list[str], stream: int) -> list[str]:
-    return COMPARE + [opts.lm_config, "--encodings", ",".join(encodings), "--seeds", str(opts.seeds),
-                      "--out_root", lm_root(opts), "--report_dir", os.path.join(lm_root(opts), f"stream{stream}"),
+    """compare_encodings' command (run from the repository root, so every path is absolute)."""
+    root = os.path.abspath(lm_root(opts))
+    return COMPARE + [os.path.abspath(opts.lm_config), "--encodings", ",".join(encodings), "--seeds", str(opts.seeds),
+                      "--out_root", root, "--report_dir", os.path.join(root, f"stream{stream}"),
                       "--multipliers", ",".join(map(str, opts.lm_multipliers)),
                       "--eval_windows", str(opts.lm_eval_windows), "--eval_device", "cpu", *opts.lm_overrides]
 
@@ -204,7 +206,7 @@ def prepare_lm_data(opts) -> None:
             cfg[key] = value
     if cfg.get("data_dir") or not cfg.get("dataset"):
         return
-    data_dir = os.path.join(cfg.get("data_path", "data"), cfg["dataset"])
+    data_dir = os.path.join(ROOT, cfg.get("data_path", "data"), cfg["dataset"])   # as the training run sees it
     script = os.path.join(ROOT, "data", cfg["dataset"], "prepare.py")
     has_shards = os.path.isdir(data_dir) and any(n.startswith("train_") and n.endswith(".bin")
                                                  for n in os.listdir(data_dir))
@@ -223,7 +225,7 @@ def run_lm_streams(opts, encodings) -> dict:
         os.makedirs(os.path.join(lm_root(opts), f"stream{w}"), exist_ok=True)
         log = open(os.path.join(lm_root(opts), f"stream{w}.log"), "a")
         print(f"lm stream {w}: {' '.join(cmd)}\n    log: {log.name}", flush=True)
-        procs.append((w, subprocess.Popen(cmd, env=env, stdout=log,
+        procs.append((w, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT), log))
     failed = {}
     try:
@@ -279,7 +281,7 @@ def run_gains(opts, encodings, pool) -> dict:
             if not lm_finished(state, opts) or gain_is_current(out_dir, state, opts):
                 continue
             s = state["settings"]
-            data_dir = s.get("data_dir") or os.path.join(s["data_path"], s["dataset"])
+            data_dir = os.path.join(ROOT, s.get("data_dir") or os.path.join(s["data_path"], s["dataset"]))
             futures[pool.submit(gain_to_file, out_dir, data_dir, s["block_size"], max(opts.lm_multipliers),
                                 opts.lm_eval_windows, gain_path(out_dir), opts.threads)] = f"{enc} seed {i}"
     failed = {}

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import attention
-import attention_chunked
-from attention import attend, choose_backend, dense_attention, dense_logits
-from attention_chunked import chunked_attention
-from grape import ENCODINGS, GRID_ENCODINGS, Bias, Encoding, LayerCache, PathIntegralBias, SeparableBias, build_encoding
+from modeling import attention
+from modeling import chunked
+from modeling.attention import attend, choose_backend, dense_attention, dense_logits
+from modeling.chunked import chunked_attention
+from grape import ENCODINGS, GRID_ENCODINGS, Encoding, build_encoding
+from modeling.bias import Bias, PathIntegralBias, SeparableBias
+from modeling.cache import LayerCache
 from model import GPT, GPTConfig
 from perturbation import perturb_parameters
 
@@ -319,7 +321,7 @@ def test_unknown_backend_and_bias_fail_clearly():
     bias = SeparableBias(4, 4, 0, slope_q=torch.ones(1, 1, 1))
     with pytest.raises(ValueError, match="unknown attn_backend"):
         attend(q, q, q, bias, "fast")
-    with pytest.raises(TypeError, match="evaluates a grape.Bias, got object"):
+    with pytest.raises(TypeError, match="evaluates a Bias, got object"):
         chunked_attention(q, q, q, bias=object())
     with pytest.raises(ValueError, match="covers 4 queries x 4 keys, attention has 3 x 4"):
         chunked_attention(q[:, :, 1:], q, q, bias)
@@ -335,7 +337,7 @@ def test_unknown_backend_and_bias_fail_clearly():
 
 @pytest.mark.parametrize("name", ADDITIVE)
 def test_gpt_chunked_matches_dense_logits_and_gradients(name, monkeypatch):
-    monkeypatch.setattr(attention_chunked, "BLOCK_ELEMENTS", 1)   # smallest blocks: several per sequence
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1)   # smallest blocks: several per sequence
     torch.manual_seed(0)
     settings = dict(vocab_size=64, block_size=96, n_layer=2, n_head=2, n_embd=32, pos_encoding=name,
                     grid=encoding_config(name).grid and (8, 12))

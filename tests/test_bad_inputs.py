@@ -7,12 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-import attention
-import eval_length
-import sample
-from checkpoint import CheckpointError, load_checkpoint
-from model import GPT
-from shards import write_shard
+from modeling import attention
+from scripts import eval_length
+from scripts import sample
+from training.checkpoint import CheckpointError, load_checkpoint, load_model
+from training.shards import write_shard
 from test_training import data_dir, tiny  # noqa: F401  (data_dir: a fixture)
 from train_adam_finewebedu import cli, main
 
@@ -48,7 +47,7 @@ LOADERS = {
     "train --init_from=resume": lambda path, data: cli(tiny(data, os.path.dirname(path), "--init_from=resume",
                                                             "--max_iters=2")),
     "checkpoint.load_checkpoint": lambda path, data: load_checkpoint(path),
-    "GPT.load": lambda path, data: GPT.load(path),
+    "load_model": lambda path, data: load_model(path),
     "sample.py": lambda path, data: sample.main([f"--ckpt={path}", "--num_samples=1", "--max_new_tokens=2"]),
     "eval_length.py": lambda path, data: eval_length.main([os.path.dirname(path), f"--data_dir={data}"]),
     "lm-eval adapter": lambda path, data: __import__("grape_lm").GrapeLM(pretrained=path),
@@ -76,11 +75,11 @@ def test_a_damaged_save_pretrained_folder_names_the_damaged_file(good_run, tmp_p
     weights = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     with pytest.raises(CheckpointError, match=f"{folder}/model.safetensors is not a readable checkpoint"):
-        GPT.load(str(folder))
+        load_model(str(folder))
     (folder / "model.safetensors").write_bytes(weights)
     (folder / "config.json").write_text('{"n_layer": 1, "n_')
     with pytest.raises(CheckpointError, match=f"{folder}/config.json is not a readable checkpoint"):
-        GPT.load(str(folder))
+        load_model(str(folder))
 
 
 def test_token_ids_beyond_vocab_size_stop_training_with_a_data_error(tmp_path):

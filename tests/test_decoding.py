@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generation import StreamingCache
+from modeling.generation import StreamingCache
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
 
@@ -285,7 +285,7 @@ def test_transformers_generate_rejects_what_it_cannot_do_exactly():
 # ----------------------------------------------------------------------------------------
 
 def test_sample_script_prints_text_from_both_checkpoint_formats(tmp_path, capsys, monkeypatch):
-    import sample
+    from scripts import sample
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, pos_encoding="grape_ap")
     model = GPT(cfg)

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-import checkpoint
-from run_dir import OutDirLock
+from training import checkpoint
+from training.run_dir import OutDirLock
 from test_training import ROOT, SCRIPT, data_dir, read_log, start, tiny, train_losses, wait_for  # noqa: F401
 from train_adam_finewebedu import cli, main
 
@@ -70,7 +70,7 @@ SAVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     import torch
-    import checkpoint, run_dir
+    from training import checkpoint, run_dir
     from model import GPT, GPTConfig
     out, stage = sys.argv[1], sys.argv[2]
     lock = run_dir.OutDirLock(out).acquire()

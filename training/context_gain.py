@@ -58,13 +58,13 @@ def gain_to_file(out_dir: str, data_dir: str, trained: int, multiplier: int, num
     import json
     import os
 
-    from transformers.utils import logging as hf_logging
-
-    from eval_length import spread_windows
-    hf_logging.disable_progress_bar()       # this worker process only loads checkpoints
+    from training.checkpoint import load_model
+    from training.length_eval import spread_windows
+    from training.progress import hf_progress_bars_off
     torch.set_num_threads(threads)
     span = multiplier * trained
-    model = GPT.from_pretrained(out_dir, block_size=span)
+    with hf_progress_bars_off():
+        model = load_model(out_dir, block_size=span)
     windows = spread_windows(data_dir, span, num_windows, model.config.vocab_size)
     g = context_gain(model, windows, trained)
     record = {"out_dir": out_dir, "trained": trained, "multiplier": multiplier, "n_windows": g["n_windows"],

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from compare_report import machine, mean_std, within_spread
+from training.report import machine, mean_std, within_spread
 from training.encoding_styles import styles
 
 SOLVED = 0.9          # "solves the task": mean accuracy at least this
