@@ -344,13 +344,16 @@ def phase_times(opts, add: dict | None = None) -> dict:
 
 def report(opts, argv, encodings, settings, base_seed, skipped, failed) -> str:
     from training import position_report
-    tasks, pending = task_records(opts, encodings, settings, base_seed) if "tasks" in opts.parts else ([], {})
-    lms, lm_pending = lm_records(opts, encodings) if "lm" in opts.parts else ([], {})
+    # a part's finished runs are shown even when this command runs only the other part;
+    # its missing runs are listed only when this command asked for it
+    tasks, pending = task_records(opts, encodings, settings, base_seed)
+    lms, lm_pending = lm_records(opts, encodings)
+    pending = {**(pending if "tasks" in opts.parts else {}), **(lm_pending if "lm" in opts.parts else {})}
     meta = {"command": ["python", "-m", "scripts.position_study", *argv], "note": opts.note,
             "out_root": opts.out_root, "workers": opts.workers, "threads": opts.threads,
             "phases": phase_times(opts), "lm_config": opts.lm_config, "lm_eval_windows": opts.lm_eval_windows,
             "lm_multipliers": opts.lm_multipliers, "skipped": skipped, "failed": failed,
-            "pending": {**pending, **lm_pending}}
+            "pending": pending}
     os.makedirs(os.path.dirname(os.path.abspath(opts.report)), exist_ok=True)
     return position_report.write_page(opts.report, tasks, lms, meta)
 
