@@ -74,10 +74,14 @@ def test_task_page_and_csv_hold_what_each_run_recorded(tasks_study):
 
 def test_rerun_trains_nothing_and_other_settings_are_refused(tasks_study, monkeypatch):
     root = tasks_study
+    records = [root / "runs" / "tasks" / e / "seed0.json" for e in ENCODINGS]
+    before = [os.path.getmtime(r) for r in records]
+
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(task_runs, "run_to_file", no_training)
     assert position_study.main(study_args(root, "--parts", "tasks", "--workers", "1")) == 0
+    assert [os.path.getmtime(r) for r in records] == before
     with pytest.raises(SystemExit, match="was run with other settings.*max_iters"):
         position_study.main(study_args(root, "--parts", "tasks", "--task.max_iters=4"))
 
