@@ -145,8 +145,9 @@ class GPTConfig(PretrainedConfig):
         for key in ("grape_log_freq_scale", "grape_ctx_omega_scale", "keygated_u_l2_eps", "querygated_v_l2_eps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "head_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.attn_backend not in backend_choices():
             raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {backend_choices()}")
         self.check_grid(parts)

@@ -15,7 +15,8 @@ a config file overrides them and ``--key=value`` overrides the file (an unknown 
 typed value stops the run). The loop itself is ``training/trainer.py``: evaluate, train a step,
 log, save; one run at a time per out_dir (``training/run_dir.py``); a non-finite loss stops the
 run or rolls it back (``training/divergence.py``). Expected failures end with one line:
-``config error:``, ``data error:``, ``checkpoint error:``, ``out_dir error:``.
+``config error:``, ``data error:``, ``checkpoint error:``, ``out_dir error:``. SIGTERM and Ctrl-C
+save a checkpoint and exit 0; a second Ctrl-C stops at once (``interrupted:``, status 130).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from training.run_dir import OutDirError
 from training.settings import defaults, derive_defaults, validate
 from training.shards import ShardError
 from training.sizing import dry_run
+from training.stop_signals import Interrupted
 from training.trainer import Trainer, start_runtime
 
 
@@ -45,8 +47,9 @@ def main(argv=None) -> dict:
         text, estimate, _ = dry_run(cfg)
         print(text)
         return {"dry_run": estimate}
-    with ExitStack() as on_exit:        # releases the out_dir lock however the run ends
+    with ExitStack() as on_exit:        # releases the out_dir lock and leaves DDP however the run ends
         runtime = start_runtime(cfg, explicit)
+        on_exit.callback(runtime.close)
         return Trainer(cfg, explicit, runtime, on_exit).run()
 
 
@@ -63,6 +66,9 @@ SAME_ON_EVERY_RANK = (ConfigError, OutDirError, TrainingDiverged)
 def cli(argv=None) -> None:
     try:
         main(argv)
+    except (Interrupted, KeyboardInterrupt) as e:        # a second Ctrl-C (or one before training began)
+        print(f"interrupted: {e or 'stopped by Ctrl-C before training began; nothing was saved'}", file=sys.stderr)
+        sys.exit(130)
     except tuple(EXIT_MESSAGES) as e:
         if isinstance(e, SAME_ON_EVERY_RANK) and int(os.environ.get("RANK", 0)) != 0:
             sys.exit(0)

@@ -7,6 +7,7 @@ process must be killed or launched by torchrun.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,3 +289,16 @@ def test_resume_keeps_the_weight_decay_groups_its_optimizer_state_was_saved_with
     checkpoint.atomic_torch_save(ckpt, os.path.join(old, checkpoint.CKPT_NAME))
     assert main(tiny(data_dir, old, "--max_iters=3", "--pos_encoding=grape_a_qk",
                      "--init_from=resume"))["iter_num"] == 3
+
+
+def test_run_ends_with_a_summary_of_what_it_did(data_dir, tmp_path, capsys):
+    """The last line a run prints: iterations, tokens, time, the validation loss from its first
+    to its last evaluation (as log.jsonl has them) and where the checkpoint is."""
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=4", "--eval_interval=2"))
+    val = [(r["iter"], r["val_loss"]) for r in read_log(out) if "val_loss" in r]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    expected = (rf"done: 4 iterations \(1,024 tokens\) in \d+ s; validation loss {val[0][1]:.3f} at iter 0 -> "
+                rf"{val[-1][1]:.3f} at iter 4 \(best {min(v for _, v in val):.3f}\); checkpoint and Hugging Face "
+                rf"folder in {re.escape(out)}")
+    assert re.fullmatch(expected, last), last

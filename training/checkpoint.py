@@ -16,6 +16,7 @@ A save interrupted by SIGKILL leaves its temporary (``ckpt.pt.*.tmp``, ``best.pt
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -23,12 +24,13 @@ import shutil
 import tempfile
 import uuid
 import zipfile
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
 from model import GPT, GPTConfig
-from training.original_checkpoint import is_original_folder, load_original
+from training.original_checkpoint import WrongModelType, is_original_folder, load_original
 from training.progress import hf_progress_bars_off, on_terminal
 
 CKPT_NAME = "ckpt.pt"          # the latest checkpoint: what --init_from=resume continues
@@ -64,8 +66,38 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+class DiskFull(OSError):
+    """The disk filled while a checkpoint was written (``what``: the file); nothing of it was put in place."""
+
+    def __init__(self, what: str, folder: str):
+        super().__init__(errno.ENOSPC, f"disk full while writing {what} in {folder}")
+        self.what = what
+
+
+def free_bytes(folder: str) -> int:
+    stats = os.statvfs(folder)
+    return (stats.f_bfree if os.geteuid() == 0 else stats.f_bavail) * stats.f_frsize
+
+
+def raise_if_disk_full(error: BaseException, folder: str, what: str) -> None:
+    """Call while the partial file still exists: DiskFull if ``error`` came from a full disk.
+    torch.save reports a short write as a bare RuntimeError ('unexpected pos'), so the free
+    space decides when no errno says it."""
+    errors, e = [], error
+    while e is not None and len(errors) < 8:
+        errors.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(isinstance(x, Exception) for x in errors):
+        return                                 # KeyboardInterrupt, SystemExit
+    full = any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(x)
+               for x in errors)
+    if full or free_bytes(folder) < 1 << 20:
+        raise DiskFull(what, folder) from error
+
+
+def write_temporary(obj, path: str) -> str:
+    """torch.save to a fsync'ed temporary file beside ``path``; returns its name. Nothing is
+    left behind if it fails (DiskFull when the disk filled)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -75,36 +107,69 @@ def atomic_torch_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)               # mkstemp makes 0600 files; use the usual umask
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        try:
+            raise_if_disk_full(e, folder, os.path.basename(path))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
-    _fsync_dir(folder)
+    return tmp
 
 
-def save_pretrained_atomic(model, out_dir: str) -> None:
-    """``model.save_pretrained`` into a temporary folder, then move each file into ``out_dir``.
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = write_temporary(obj, path)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
-    Each file is replaced atomically; ckpt.pt stays the source of truth for resuming."""
+
+def stage_pretrained(model, out_dir: str) -> str:
+    """``model.save_pretrained`` into a new temporary folder inside ``out_dir`` (files fsync'ed);
+    returns the folder. Nothing is left behind if it fails (DiskFull when the disk filled)."""
+    refuse_repository(out_dir)
     tmp = tempfile.mkdtemp(prefix=PRETRAINED_TMP_PREFIX, dir=out_dir)
     try:
         with hf_progress_bars_off():              # no "Writing model shards" bar at every save
             model.save_pretrained(tmp)
         for name in sorted(os.listdir(tmp)):
-            src = os.path.join(tmp, name)
-            with open(src, "rb") as f:
+            with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-            os.chmod(src, _FILE_MODE)
-            os.replace(src, os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.chmod(os.path.join(tmp, name), _FILE_MODE)
+    except BaseException as e:
+        try:
+            raise_if_disk_full(e, out_dir, "the save_pretrained files")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def refuse_repository(out_dir: str) -> None:
+    """The shipped code files (model.py, grape.py, attention.py, ...) must never replace the
+    repository's own: refuse its root and its modeling/ folder as a destination."""
+    from modeling import shipping
+    if os.path.realpath(out_dir) in (os.path.realpath(shipping.ROOT), os.path.realpath(shipping.PACKAGE_DIR)):
+        raise CheckpointError(f"refusing to save a checkpoint into the repository itself ({out_dir}): its code "
+                              "files would replace model.py and the modules it imports; choose another folder")
+
+
+def commit_pretrained(tmp: str, out_dir: str) -> None:
+    """Move each file of a staged save_pretrained folder into ``out_dir`` (atomic per file)."""
+    for name in sorted(os.listdir(tmp)):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(out_dir)
 
 
-def atomic_link(src: str, dst: str) -> None:
-    """Make ``dst`` the same file as ``src`` atomically: a hard link (no copy), or a copy
-    where the filesystem has no hard links; a temporary name first, then rename."""
+def save_pretrained_atomic(model, out_dir: str) -> None:
+    """``model.save_pretrained`` into a temporary folder, then move each file into ``out_dir``."""
+    commit_pretrained(stage_pretrained(model, out_dir), out_dir)
+
+
+def link_temporary(src: str, dst: str) -> str:
+    """A temporary name beside ``dst`` for the same file as ``src``: a hard link (no copy), or a
+    copy where the filesystem has no hard links."""
     tmp = f"{dst}.{uuid.uuid4().hex[:12]}.tmp"  # os.link needs a name that does not exist yet
     try:
         try:
@@ -113,24 +178,49 @@ def atomic_link(src: str, dst: str) -> None:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        try:
+            raise_if_disk_full(e, os.path.dirname(os.path.abspath(dst)), os.path.basename(dst))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
+    return tmp
+
+
+def atomic_link(src: str, dst: str) -> None:
+    """Make ``dst`` the same file as ``src`` atomically: a temporary name first, then rename."""
+    os.replace(link_temporary(src, dst), dst)
     _fsync_dir(os.path.dirname(dst))
 
 
 def save_checkpoint(out_dir: str, state: dict, model=None, best: bool = False) -> str:
-    """Write ``state`` to ``out_dir/ckpt.pt`` atomically (and, when ``best``, make it
-    ``best.pt`` too), then the save_pretrained files."""
+    """Write ``state`` to ``out_dir/ckpt.pt`` (and, when ``best``, make it ``best.pt`` too) and
+    the save_pretrained files of ``model``. Every file is first written complete under a
+    temporary name; only then are they renamed into place, so a full disk (DiskFull) or a
+    crash while writing leaves the previous ckpt.pt, best.pt and weights as they were, of one
+    iteration."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, CKPT_NAME)
-    atomic_torch_save(state, path)
-    if best:
-        atomic_link(path, os.path.join(out_dir, BEST_NAME))
-    if model is not None:
-        save_pretrained_atomic(model, out_dir)
+    staged, pretrained = [], None
+    try:
+        if model is not None:
+            pretrained = stage_pretrained(model, out_dir)
+        staged.append((write_temporary(state, path), path))
+        if best:
+            staged.append((link_temporary(staged[0][0], os.path.join(out_dir, BEST_NAME)),
+                           os.path.join(out_dir, BEST_NAME)))
+    except BaseException:
+        for tmp, _ in staged:
+            os.remove(tmp)
+        if pretrained is not None:
+            shutil.rmtree(pretrained, ignore_errors=True)
+        raise
+    for tmp, final in staged:                    # renames: no space needed, nothing left to fail on
+        os.replace(tmp, final)
+    if pretrained is not None:
+        commit_pretrained(pretrained, out_dir)
+    _fsync_dir(out_dir)
     return path
 
 
@@ -213,10 +303,13 @@ def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, 
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         check_pretrained_folder(path)
         if is_original_folder(path):
-            return load_original(path, model_type, **overrides)
+            try:
+                return load_original(path, model_type, **overrides)
+            except WrongModelType as e:
+                raise CheckpointError(str(e)) from None
         if model_type is not None:
             raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
-        with hf_progress_bars_off(not on_terminal()):   # no bars in log files (tqdm's convention)
+        with hf_progress_bars_off(not on_terminal()), cannot_build(path):   # no bars in log files
             return GPT.from_pretrained(path, **overrides)
     if os.path.isdir(path):
         path = os.path.join(path, CKPT_NAME)
@@ -225,6 +318,22 @@ def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, 
     ckpt = read_checkpoint_file(path, map_location)
     if "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
-    model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
-    model.load_exactly(clean_state_dict(ckpt["model"]), path)
+    with cannot_build(path):
+        model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
+        model.load_exactly(clean_state_dict(ckpt["model"]), path)
     return model
+
+
+@contextmanager
+def cannot_build(path: str):
+    """A config whose values the model refuses, or weights that do not fit it: CheckpointError
+    naming ``path`` in one line (torch and transformers spread theirs over many)."""
+    try:
+        yield
+    except (CheckpointError, OSError):
+        raise                                  # already one line naming the file
+    except Exception as e:                     # ValueError, TypeError, torch's RuntimeError, hf's validation errors
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path} cannot be loaded: its config and weights do not describe a model this "
+                              f"repository can build ({detail[:300]})") from None

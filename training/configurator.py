@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import types
 from typing import Any, Iterable, Optional
@@ -87,6 +88,8 @@ def check_value(key: str, value: Any, accepted: tuple) -> Any:
     elif isinstance(value, int) and int in accepted:
         return value
     elif isinstance(value, (int, float)) and float in accepted:
+        if not math.isfinite(value):              # nan passes every `< 0` check and trains on nothing
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
         return float(value)
     elif value is None and type(None) in accepted:
         return value
@@ -193,12 +196,11 @@ class Configurator:
     def apply_file(self, path: str) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            source = f.read()
+        source = read_config_text(path)
         # the file sees the current values, as in nanoGPT (so `60 // batch_size` works)
         namespace = _RecordingNamespace(self.values)
         namespace["__file__"] = os.path.abspath(path)   # lets a file exec a shared base next to it
-        exec(compile(source, path, "exec"), namespace)
+        run_config_file(source, path, namespace)
         for key in namespace.assigned:
             if key not in namespace:
                 continue                 # assigned, then deleted
@@ -232,6 +234,46 @@ class Configurator:
                 self.apply_argument(arg)
             else:
                 self.apply_file(arg)
+
+
+def read_config_text(path: str) -> str:
+    """A config file's text; bytes that are not UTF-8 are a ConfigError naming the place."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+
+
+def run_config_file(source: str, path: str, namespace: dict) -> None:
+    """Execute a config file; anything it raises (a syntax error, a missing import, a name
+    it does not define) is a ConfigError naming the file and line."""
+    try:
+        code = compile(source, path, "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r}, line {e.lineno}: {e.msg}") from None
+    try:
+        exec(code, namespace)
+    except ConfigError:
+        raise                                    # from a base file it execs: already names that file
+    except Exception as e:
+        line = next((tb.tb_lineno for tb in _frames_in(e.__traceback__, path)), "?")
+        what = (f"{e.msg} (line {e.lineno} of the code it executes)" if isinstance(e, SyntaxError)
+                else f"{type(e).__name__}: {e}")
+        raise ConfigError(f"config file {path!r}, line {line}: {what}") from None
+
+
+def _frames_in(tb, path: str):
+    """The traceback's frames that run the file ``path``, innermost first."""
+    frames = []
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == path:
+            frames.append(tb)
+        tb = tb.tb_next
+    return reversed(frames)
 
 
 class _RecordingNamespace(dict):

@@ -13,8 +13,17 @@ Two ways to make the order reproducible (README, "Determinism"):
 
 Rows are read with np.fromfile at an offset instead of a long-lived np.memmap: nothing stays
 mapped, so resident memory does not creep up over a long run (nanoGPT's memmap note).
+
+Every batch is checked on the host before it reaches the model, cheaply: its largest token id
+against ``vocab_size`` (a damaged shard body under a valid header would otherwise be an
+IndexError, or a device-side assert on a GPU), and each shard it reads against the size,
+modification time and inode recorded when the shard was opened (a shard truncated or rewritten
+under a running job would otherwise train on garbage and look like a divergence). Both are a
+``ShardError`` naming the shard: a data error, never a rollback.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -44,7 +53,29 @@ def _load_shards(data_dir: str, split: str, block_size: int,
 
 
 def _window(path: str, start: int, length: int) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint16, count=length, offset=HEADER_BYTES + 2 * start)
+    row = np.fromfile(path, dtype=np.uint16, count=length, offset=HEADER_BYTES + 2 * start)
+    if len(row) != length:
+        raise ShardError(f"token shard {path} changed while this run was reading it: it ends before token "
+                         f"{start + length}; {RESTORE_ADVICE}")
+    return row
+
+
+RESTORE_ADVICE = ("a running job's data must stay as it was: restore the shard (or re-prepare the data) and "
+                  "resume with --init_from=resume")
+
+
+def identity(path: str) -> tuple[int, int, int, int]:
+    """What changes when a file is truncated, rewritten or replaced: inode, size, mtime."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def describe_change(path: str, before: tuple, now: tuple) -> str:
+    if before[:2] != now[:2]:
+        return f"token shard {path} was replaced by another file while this run was reading it"
+    if before[2] != now[2]:
+        return f"token shard {path} changed size while this run was reading it ({before[2]} -> {now[2]} bytes)"
+    return f"token shard {path} was rewritten while this run was reading it (its modification time changed)"
 
 
 class TokenBatches:
@@ -64,6 +95,8 @@ class TokenBatches:
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.paths, self.lengths = _load_shards(data_dir, split, block_size, vocab_size)
+        self.identities = [identity(path) for path in self.paths]   # read-only from here on
+        self.vocab_size = vocab_size
         # window starts per shard: 0 .. n - block_size - 1; cumulative counts map a global index to a shard
         self.cum_windows = np.cumsum(self.lengths - block_size)
         self.calls = 0
@@ -90,10 +123,37 @@ class TokenBatches:
         starts = self._draw_starts(self._rng_for(step, micro_step))
         shard = np.searchsorted(self.cum_windows, starts, side="right")
         offsets = starts - np.concatenate(([0], self.cum_windows))[shard]
+        self.check_unchanged(np.unique(shard))
         rows = np.stack([_window(self.paths[s], o, self.block_size + 1) for s, o in zip(shard, offsets)])
+        self.check_token_ids(rows, shard, offsets)
         rows = torch.from_numpy(rows.astype(np.int64))
         self.calls += 1
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def check_unchanged(self, shards) -> None:
+        """ShardError if a shard was truncated, rewritten or replaced since it was opened."""
+        for s in shards:
+            try:
+                now = identity(self.paths[s])
+            except FileNotFoundError:
+                raise ShardError(f"token shard {self.paths[s]} was deleted while this run was reading it; "
+                                 f"{RESTORE_ADVICE}") from None
+            if now != self.identities[s]:
+                raise ShardError(f"{describe_change(self.paths[s], self.identities[s], now)}; {RESTORE_ADVICE}")
+
+    def check_token_ids(self, rows: np.ndarray, shard: np.ndarray, offsets: np.ndarray) -> None:
+        """ShardError naming the shard and position of an id >= vocab_size (one max per row)."""
+        if self.vocab_size is None:
+            return
+        largest = rows.max(axis=1)
+        bad = np.flatnonzero(largest >= self.vocab_size)
+        if len(bad):
+            r = bad[0]
+            j = int(np.argmax(rows[r] >= self.vocab_size))
+            raise ShardError(f"token shard {self.paths[shard[r]]} holds token id {int(rows[r, j])} at token "
+                             f"{int(offsets[r]) + j}, "
+                             f"but vocab_size is {self.vocab_size}: its body does not match its header (a damaged "
+                             "shard, or one tokenised with a larger vocabulary); re-prepare the data")
 
     def skip(self, n_batches: int) -> None:
         """Advance a "stateful" stream past ``n_batches`` batches without reading them (a

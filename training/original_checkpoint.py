@@ -8,10 +8,15 @@ read such a folder; ``python -m scripts.convert_original FOLDER OUT`` writes it 
 repository.
 
 What the conversion does:
-- the encoding: config.json does not name it, so it is inferred from the parameter names
-  where they say it (FoX, GRAPE-M, GRAPE-M-ctx, the three GRAPE-A, GRAPE-AP with its own probe
-  projection); RoPE, ALiBi and GRAPE-AP with a tied probe have the same parameters, so for
-  those ``model_type`` (the original's name, e.g. 'llama-mha-rope') must be given;
+- the encoding: config.json does not name it, so it is read from what the folder says: the
+  parameter names (FoX, GRAPE-M, GRAPE-M-ctx, the three GRAPE-A, GRAPE-AP with its own probe
+  projection), config.json's ``p_tie_mode`` (GRAPE-AP with a tied probe: pq, pk or pv) and
+  ``use_k_shift``, and the folder's name (the original writes to ``out_<model_type>_<N>m_Opt_...``,
+  snapshots in ``checkpoint-N`` below it). RoPE and ALiBi have the same parameters: when the
+  folder was renamed, ``model_type`` (the original's name, e.g. 'llama-mha-rope') must be given.
+  A given ``model_type`` that contradicts the folder is refused (it would load with wrong
+  logits); the original's own name without '-kvshift' for a KV-shift run (its configs keep
+  the plain name and set ``use_k_shift``) is what the original writes, and is accepted;
 - parameter names (``q_rms`` -> ``q_norm``, ``c_k.linear`` + ``c_k.shift_proj`` -> ``c_k`` +
   ``k_shift.gate``, FoX's ``attn.core.*``, GRAPE-A's ``omega/u/v`` ...); values are kept
   (GRAPE-M stores s·log θ in both);
@@ -33,9 +38,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from model import GPT, GPTConfig, read_weights, settings_from_model_type
+from model import LEGACY_MODEL_TYPES, GPT, GPTConfig, read_weights, settings_from_model_type
 
 ROTARY = ("rope", "grape_m", "grape_m_ctx")
+# the original's model types (its model/ files); it has no NoPE model
+ORIGINAL_TYPES = sorted(name for name in LEGACY_MODEL_TYPES if name != "llama-mha-nope")
+# the original's out_dir: output/out_{model_type}_{N}m_Opt_{optimizer}_LR_..._time_..._jobid_...
+OUT_DIR_NAME = re.compile(r"out_(llama-mha-[a-z0-9-]+?)_\d+m_Opt_")
 # keys the original writes into config.json that select nothing in its models
 IGNORED_KEYS = {"embedding_init_std", "hidden_init_std_factor", "scale_attn_by_inverse_layer_idx",
                 "tpa_kvrank", "tpa_qrank", "q_rank", "rank", "group_size"}
@@ -48,6 +57,11 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "head_dim", "block_size", "vocab_si
 # prefixes of the original's model knobs: one of these that is not known here is an error
 KNOB_PREFIXES = r"^(grape_|keygated_|querygated_|querykeygated_|p_|use_|fgate_|tpa_|decay_time)"
 TIE_MODES = {"none": "none", "pq": "pq", "pk": "pk", "pv": "pv", "pqtie": "pq", "pktie": "pk", "pvtie": "pv"}
+
+
+class WrongModelType(ValueError):
+    """A model_type the folder contradicts, or none where the folder does not say it
+    (``load_model`` reports it as a CheckpointError)."""
 
 
 def is_original_folder(path: str) -> bool:
@@ -225,20 +239,68 @@ def to_original(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor
     return out
 
 
+def model_type_in_name(path: str) -> Optional[str]:
+    """The model_type the original's out_dir name carries (the folder, or the run folder above
+    a checkpoint-N snapshot), or None for a renamed folder."""
+    folder = os.path.abspath(path)
+    for name in (os.path.basename(folder), os.path.basename(os.path.dirname(folder))):
+        match = OUT_DIR_NAME.match(name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def tied_probe(original: dict) -> bool:
+    return TIE_MODES.get(str(original.get("p_tie_mode", "none")).lower(), "none") != "none"
+
+
+def encoding_of(model_type: str) -> str:
+    """pos_encoding of one of the original's model types; an error naming them for any other."""
+    name = model_type.lower().replace("_", "-").replace("-kv-shift", "").replace("-kvshift", "")
+    if name not in ORIGINAL_TYPES:
+        why = "the original repository has no NoPE model" if name == "llama-mha-nope" else "unknown model_type"
+        raise WrongModelType(f"{why} ({model_type!r}); the original's model types are {ORIGINAL_TYPES} "
+                             "(optionally with '-kvshift')")
+    return settings_from_model_type(model_type)["pos_encoding"]
+
+
+def resolve_model_type(path: str, original: dict, state: dict, model_type: Optional[str]) -> str:
+    """The model_type to load the folder with: the given one if nothing in the folder contradicts
+    it, else what the folder says; CheckpointError when they disagree or nothing says it."""
+    inferred = infer_model_type(state)
+    tied, named = tied_probe(original), model_type_in_name(path)
+    kv_in_folder = ".shift_proj." in " ".join(state)
+    if model_type is None:
+        chosen = inferred or ("llama-mha-grape-ap-v1" if tied else named)
+        if chosen is None:
+            raise WrongModelType(f"{path}: RoPE and ALiBi have the same parameters, and neither its config.json "
+                                 "nor its folder name (the original's out_<model_type>_...) says which; pass the "
+                                 "original's model_type: 'llama-mha-rope' or 'llama-mha-alibi'")
+        encoding_of(chosen)
+        return chosen
+    given = encoding_of(model_type)
+    said = [(f"its parameters are those of {inferred!r}", inferred and encoding_of(inferred)),
+            (f"its config.json sets p_tie_mode={original.get('p_tie_mode')!r}, a GRAPE-AP with a tied probe "
+             "('llama-mha-grape-ap-v1')", "grape_ap" if tied else None),
+            (f"its folder name says it was trained as {named!r}", named and encoding_of(named))]
+    for what, encoding in said:
+        if encoding and encoding != given:
+            raise WrongModelType(f"{path}: {what}, not model_type={model_type!r}")
+    if inferred is None and not tied and given not in ("rope", "alibi"):
+        raise WrongModelType(f"{path}: its parameters are those of RoPE or ALiBi (GRAPE-AP has its own probe "
+                             f"projection c_p, or a p_tie_mode in config.json), not of model_type={model_type!r}")
+    if settings_from_model_type(model_type)["use_k_shift"] and not kv_in_folder:
+        raise WrongModelType(f"{path}: model_type={model_type!r} asks for KV-shift, but the folder has no KV-shift "
+                             f"parameters (config.json: use_k_shift={original.get('use_k_shift', False)})")
+    return model_type
+
+
 def load_original(path: str, model_type: Optional[str] = None, **overrides) -> GPT:
     """Our GPT with the weights of an original save_pretrained folder (same logits)."""
     with open(os.path.join(path, "config.json")) as f:
         original = json.load(f)
     state = read_weights(path)
-    inferred = infer_model_type(state)
-    if model_type is None:
-        if inferred is None:
-            raise ValueError(f"{path}: RoPE, ALiBi and GRAPE-AP with a tied probe have the same parameters; "
-                             "pass the original's model_type, e.g. model_type='llama-mha-rope' "
-                             "(add '-kvshift' for its KV-shift runs)")
-        model_type = inferred
-    elif inferred is not None and settings_from_model_type(inferred) != settings_from_model_type(model_type):
-        raise ValueError(f"{path}: its parameters are those of {inferred!r}, not of model_type={model_type!r}")
+    model_type = resolve_model_type(path, original, state, model_type)
     config = config_from_original(original, model_type, **overrides)
     model = GPT(config)
     converted = from_original(state, config)
@@ -246,4 +308,3 @@ def load_original(path: str, model_type: Optional[str] = None, **overrides) -> G
     full.update(converted)             # buffers (RoPE spectrum, ALiBi slopes) stay ours
     model.load_state_dict(full, strict=True)
     return model
-

@@ -21,8 +21,6 @@ from __future__ import annotations
 import gc
 import os
 import random
-import signal
-import threading
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -35,16 +33,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
 from training.backend_check import check_backends
-from training.checkpoint import CKPT_NAME, checkpoint_path, clean_state_dict, load_checkpoint, save_checkpoint
+from training.checkpoint import (CKPT_NAME, CheckpointError, DiskFull, clean_state_dict, free_bytes, load_checkpoint,
+                                 save_checkpoint)
 from training.configurator import ConfigError, model_fields
 from training.dataloader import TokenBatches
 from training.divergence import (Divergence, NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss,
                                  nonfinite_parameters)
-from training.run_dir import claim_on_rank0
+from training.out_dir_checks import LOG_NAME, OutDirError, checkpoint_bytes, human
 from training.progress import on_terminal, progress_bar
+from training.run_dir import checkpoint_to_resume, claim_on_rank0
 from training.runlog import JsonlLog
 from training.settings import get_lr, model_config_from
 from training.sizing import gpu_peak_flops
+from training.stop_signals import Interrupted, StopRequests
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,14 +87,37 @@ class Runtime:
         return x.to(self.device), y.to(self.device)
 
     def close(self) -> None:
-        if self.ddp:
+        """Leave the process group and restore the determinism switch (once; safe to repeat)."""
+        if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
         torch.use_deterministic_algorithms(self.was_deterministic)
+
+
+def check_device(device: str, ddp: bool = False) -> None:
+    """ConfigError for a device this machine does not have (a CUDA index beyond its GPUs, CUDA
+    without a GPU, a name torch does not know), before anything is allocated or written. Under
+    torchrun each rank uses the GPU of its local rank, so only the kind matters."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'device': {device!r} is not a device torch knows; use 'auto', 'cpu', "
+                          "'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"config key 'device' is {str(device)!r}, but this machine has no CUDA GPU that "
+                              "torch can use; use --device=cpu (or auto)")
+        if device.index is not None and device.index >= count and not ddp:
+            raise ConfigError(f"config key 'device' is {str(device)!r}, but this machine has {count} CUDA GPU(s)")
+    elif device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'device' is {str(device)!r}: only 'cpu' and 'cuda' are supported")
 
 
 def start_runtime(cfg, explicit: set[str]) -> Runtime:
     """Join the process group under torchrun, pick the device, set the determinism switches."""
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if cfg.device != "auto":
+        check_device(cfg.device, ddp)              # before joining the process group: every rank alike
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -158,7 +182,11 @@ def model_for(cfg, explicit: set[str], ckpt: Optional[dict], resume_from: str) -
         model_config = model_config_from({k: cfg[k] for k in model_fields()})
     else:
         kernel = {"attn_backend": cfg.attn_backend} if "attn_backend" in explicit else {}
-        model_config = model_config_from({**ckpt["model_config"], **kernel})
+        try:
+            model_config = model_config_from({**ckpt["model_config"], **kernel})
+        except Exception as e:                    # values the model refuses, or of the wrong type, in the file
+            raise CheckpointError(f"{resume_from}: its model_config does not describe a model this repository can "
+                                  f"build ({str(e).strip().splitlines()[-1].strip()[:300]})") from None
         differing = [f"{k}={cfg[k]!r} (checkpoint: {getattr(model_config, k)!r})" for k in model_fields()
                      if k in explicit and k != "attn_backend" and getattr(model_config, k) != cfg[k]]
         if differing:
@@ -187,6 +215,23 @@ def weight_decay_groups_of(cfg, explicit: set[str], ckpt: Optional[dict], resume
     return saved
 
 
+def check_resumable(cfg, ckpt: dict, world: int, path: str) -> None:
+    """ConfigError, before anything is written, for settings the checkpoint's data state cannot
+    continue with: another data_rng_mode or data seed, or (stateful data) another number of ranks."""
+    saved = ckpt.get("config", {})
+    for key in ("data_rng_mode", "data_seed"):
+        if key in saved and saved[key] != cfg[key]:
+            follows = " (data_seed follows seed unless set)" if key == "data_seed" else ""
+            raise ConfigError(f"cannot resume from {path} with {key}={cfg[key]!r}: it was trained with "
+                              f"{key}={saved[key]!r}{follows}; resume with the same value, or start a new run in "
+                              "another out_dir")
+    ranks = len(ckpt.get("rank_states") or [])
+    if cfg.data_rng_mode == "stateful" and ranks != world:
+        raise ConfigError(f"cannot resume from {path} on {world} rank(s): it was written by {ranks}, and "
+                          "data_rng_mode='stateful' continues each rank's own data stream; resume with "
+                          f"WORLD_SIZE={ranks} (data_rng_mode='stateless' runs resume on any number of ranks)")
+
+
 class RolledBack(Exception):
     """The run went back to its last checkpoint; the loop starts over from there."""
 
@@ -199,12 +244,20 @@ class Trainer:
     def __init__(self, cfg, explicit: set[str], runtime: Runtime, on_exit: ExitStack):
         self.cfg, self.rt = cfg, runtime
         rt = runtime
+        # SIGTERM and Ctrl-C from now on: checkpoint after the step they arrive in, then exit
+        self.stops = StopRequests(announce=rt.master).install()
+        on_exit.callback(self.stops.restore)
         # -- model, optimizer, state (nothing is written to out_dir before the claim) ------
         self.resume_from = cfg.resume_dir or cfg.out_dir
         resuming = cfg.init_from == "resume"
-        ckpt = load_checkpoint(self.resume_from, map_location="cpu") if resuming else None
-        self.raw_model = model_for(cfg, explicit, ckpt, self.resume_from).to(rt.device)
-        cfg.weight_decay_on = weight_decay_groups_of(cfg, explicit, ckpt, self.resume_from)
+        ckpt = None
+        if resuming:
+            self.resume_path = checkpoint_to_resume(self.resume_from)
+            ckpt = load_checkpoint(self.resume_path, map_location="cpu")
+            check_resumable(cfg, ckpt, rt.world, self.resume_path)
+        where = self.resume_path if resuming else self.resume_from
+        self.raw_model = model_for(cfg, explicit, ckpt, where).to(rt.device)
+        cfg.weight_decay_on = weight_decay_groups_of(cfg, explicit, ckpt, where)
         groups = self.raw_model.optimizer_groups(cfg.weight_decay, cfg.weight_decay_on)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                            fused=rt.device.type in ("cuda", "cpu"))   # much faster than foreach
@@ -212,15 +265,12 @@ class Trainer:
         self.iter_num, self.best_val_loss, self.wandb_id, self.val_loss = 0, float("inf"), None, None
 
         # -- out_dir: one run at a time -------------------------------------------------------
-        resumes_out_dir = resuming and os.path.realpath(os.path.dirname(checkpoint_path(self.resume_from))) \
+        resumes_out_dir = resuming and os.path.realpath(os.path.dirname(self.resume_path)) \
             == os.path.realpath(cfg.out_dir)
         self.fresh = not cfg.eval_only and not resumes_out_dir       # would replace what out_dir holds
-        try:
-            lock = claim_on_rank0(cfg.out_dir, self.fresh, cfg.overwrite_out_dir, rt.master, rt.ddp)
-        except BaseException:
-            if rt.ddp:
-                dist.destroy_process_group()     # every rank gets here: rank 0's verdict is broadcast
-            raise
+        self.checkpoint_bytes = checkpoint_bytes(self.raw_model)
+        lock = claim_on_rank0(cfg.out_dir, self.fresh, cfg.overwrite_out_dir, rt.master, rt.ddp,
+                              0 if cfg.eval_only else self.checkpoint_bytes)     # eval_only saves nothing
         if lock is not None:
             on_exit.callback(lock.release)
         if cfg.check_backends and rt.device.type == "cuda":       # before the first step (backend_check.py)
@@ -252,10 +302,10 @@ class Trainer:
         self.recovery = Recovery()
         self.last_good, self.last_good_iter = None, None
         if ckpt is not None:
-            self.restore(ckpt)
+            self.restore(ckpt, self.resume_path)
             self.wandb_id = ckpt.get("wandb_id")
             self.recovery = Recovery.from_state(ckpt.get("recovery"))
-            self.last_good, self.last_good_iter = checkpoint_path(self.resume_from), self.iter_num
+            self.last_good, self.last_good_iter = self.resume_path, self.iter_num
             del ckpt                                 # a CPU copy of model + optimizer: free it
         self.watch = NonFiniteWatch(rt.device)
 
@@ -264,18 +314,18 @@ class Trainer:
         self.bar, self.log, self.wandb_run = None, None, None
         if rt.master:
             self.open_logs()
-        self.stop_flag = False
-        self.previous_handler = None
-        self.first_val = None                  # (iter, loss) of this run's first evaluation
+        self.first_val = self.last_val = None  # (iter, loss) of this run's first and latest evaluation
         self.preempted = False
 
     # -- set-up helpers ------------------------------------------------------------------------
     def open_logs(self) -> None:
         cfg, c = self.cfg, self.raw_model.config
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.log = JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"))
-        if self.fresh:
-            open(self.log.path, "w").close()        # a new run starts a new log; a resume appends
+        path = os.path.join(cfg.out_dir, LOG_NAME)
+        try:                                         # a new run starts a new log; a resume appends
+            self.log = JsonlLog.create(path) if self.fresh else JsonlLog.append_to(path)
+        except OSError as e:
+            link = f" (a symbolic link to {os.readlink(path)}; a run never makes one)" if os.path.islink(path) else ""
+            raise OutDirError(f"cannot write {path}{link}: {e.strerror}") from None
         print(f"model: {c.pos_encoding}, {c.n_layer} layers, n_embd {c.n_embd}, "
               f"{self.raw_model.num_parameters_unique() / 1e6:.2f}M parameters; {self.rt.world} rank(s) on "
               f"{self.rt.device}, {self.rt.dtype}; {self.tokens_per_iter:,} tokens per iteration; data {self.data_dir}")
@@ -286,17 +336,19 @@ class Trainer:
                                         mode=cfg.wandb_mode or None, id=self.wandb_id, resume="allow")
             self.wandb_id = self.wandb_run.id
 
-    def restore(self, ckpt: dict) -> None:
-        """Weights, optimizer, scaler, iteration, best loss and this rank's RNG and data state."""
-        self.raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+    def restore(self, ckpt: dict, path: str) -> None:
+        """Weights, optimizer, scaler, iteration, best loss and this rank's RNG and data state
+        (check_resumable has refused settings the data state cannot follow)."""
+        try:
+            self.raw_model.load_state_dict(clean_state_dict(ckpt["model"]))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:     # torch's messages span lines: the first says it
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+            raise CheckpointError(f"{path} does not fit the model its own config describes: {detail[:300]}") from None
         states = ckpt.get("rank_states") or []
         if len(states) == self.rt.world:
             restore_rank_state(states[self.rt.rank], self.train_batches)
-        elif self.train_batches.mode == "stateful":
-            raise ValueError(f"checkpoint was written by {len(states)} rank(s), this run has {self.rt.world}; "
-                             "data_rng_mode='stateful' resumes only with the same WORLD_SIZE")
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
 
     def say(self, msg: str) -> None:
@@ -307,9 +359,17 @@ class Trainer:
         """One log.jsonl record, and the same values to wandb when it is on (rank 0)."""
         if not self.rt.master:
             return
-        self.log.write(**record)
+        self.write_log(**record)
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_values, step=self.iter_num)
+
+    def write_log(self, **record) -> None:
+        """One log.jsonl record (rank 0); a disk that cannot take it stops the run in one line."""
+        try:
+            self.log.write(**record)
+        except OSError as e:
+            raise OutDirError(f"cannot write {self.log.path} at iter {self.iter_num}: {e.strerror}; "
+                              f"{self.kept()}") from None
 
     # -- the steps -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -328,8 +388,8 @@ class Trainer:
         self.eval_model.train()
         val_loss = self.rt.all_mean(total / self.cfg.eval_iters).item()
         self.check_finite(check_validation_loss(self.iter_num, val_loss))
-        self.val_loss = val_loss
-        self.first_val = self.first_val or (self.iter_num, val_loss)
+        self.val_loss, self.last_val = val_loss, (self.iter_num, val_loss)
+        self.first_val = self.first_val or self.last_val
         self.say(f"iter {self.iter_num}: val loss {val_loss:.4f}")
         tokens = self.iter_num * self.tokens_per_iter
         self.record({"val/loss": val_loss, "tokens": tokens}, iter=self.iter_num, tokens=tokens, val_loss=val_loss)
@@ -401,12 +461,12 @@ class Trainer:
             raise TrainingDiverged(f"training diverged by iter {self.iter_num}: the weights {', '.join(bad[:4])} "
                                    f"are not finite; nothing was saved ({self.stop_advice()})")
         path = os.path.join(self.cfg.out_dir, CKPT_NAME)
-        self.last_good, self.last_good_iter = path, self.iter_num
         states = [rank_state(self.train_batches)]
         if self.rt.ddp:
             states = [None] * self.rt.world
             dist.all_gather_object(states, rank_state(self.train_batches))
         if not self.rt.master:
+            self.last_good, self.last_good_iter = path, self.iter_num    # rank 0 stops the job if it fails
             return path
         state = {
             "model": clean_state_dict(self.raw_model.state_dict()),
@@ -422,9 +482,26 @@ class Trainer:
             "wandb_id": self.wandb_id,
             "recovery": self.recovery.state_dict(),
         }
-        save_checkpoint(self.cfg.out_dir, state, self.raw_model, best=best)
+        try:
+            save_checkpoint(self.cfg.out_dir, state, self.raw_model, best=best)
+        except DiskFull as e:
+            raise CheckpointError(self.disk_full_message(e.what)) from None
+        self.last_good, self.last_good_iter = path, self.iter_num
         self.say(f"saved checkpoint at iter {self.iter_num} to {self.cfg.out_dir}" + (" (best so far)" if best else ""))
         return path
+
+    def disk_full_message(self, what: str) -> str:
+        out_dir = self.cfg.out_dir
+        return (f"disk full while saving the checkpoint of iter {self.iter_num} to {out_dir} (writing {what}; "
+                f"{human(free_bytes(out_dir))} free, a checkpoint needs about {human(self.checkpoint_bytes)}); "
+                f"{self.kept()}. Free some space, then "
+                + ("resume with --init_from=resume" if self.last_good else "start the run again"))
+
+    def kept(self, state: str = "intact") -> str:
+        """What the last checkpoint is, for messages about stopping."""
+        if self.last_good:
+            return f"the last checkpoint, {self.last_good} (iter {self.last_good_iter}), is {state}"
+        return "no checkpoint had been written yet"
 
     def check_finite(self, event: Optional[Divergence]) -> None:
         """Nothing to do for no event; else stop (TrainingDiverged) or roll back (RolledBack).
@@ -433,7 +510,7 @@ class Trainer:
             return
         self.say(str(event))
         if self.rt.master:
-            self.log.write(iter=event.iter, diverged=event.what)
+            self.write_log(iter=event.iter, diverged=event.what)
         if self.cfg.on_divergence != "rollback":
             raise TrainingDiverged(f"{event}. Nothing non-finite was saved; {self.stop_advice()}")
         if self.last_good is None or self.recovery.rollbacks >= self.cfg.max_rollbacks:
@@ -445,7 +522,7 @@ class Trainer:
 
     def roll_back(self, event: Divergence) -> None:
         """Back to the last checkpoint; skip the batches of the iterations since; lower the lr."""
-        self.restore(load_checkpoint(self.last_good, map_location="cpu"))
+        self.restore(load_checkpoint(self.last_good, map_location="cpu"), self.last_good)
         skipped = self.recovery.roll_back(event.iter, self.iter_num, self.cfg.rollback_lr_factor)
         if not self.stateless:
             self.train_batches.skip(skipped * self.cfg.gradient_accumulation_steps)
@@ -459,7 +536,7 @@ class Trainer:
                  f"{self.iter_num + 1}..{event.iter}; learning rate x{self.recovery.lr_scale:g} from now on "
                  f"(rollback {self.recovery.rollbacks} of at most {self.cfg.max_rollbacks})")
         if self.rt.master:
-            self.log.write(iter=self.iter_num, rollback_from=event.iter, skipped_iters=skipped,
+            self.write_log(iter=self.iter_num, rollback_from=event.iter, skipped_iters=skipped,
                            lr_scale=self.recovery.lr_scale)
 
     def stop_advice(self) -> str:
@@ -483,22 +560,25 @@ class Trainer:
         return self.iter_num % self.cfg.log_interval == 0 or self.iter_num >= self.cfg.max_iters
 
     def stop_requested(self) -> bool:
-        """SIGTERM (cluster pre-emption) on any rank: every rank stops at this step."""
+        """SIGTERM (cluster pre-emption) or Ctrl-C on any rank: every rank stops at this step."""
+        asked = self.stops.requested is not None
         if not self.rt.ddp:
-            return self.stop_flag
-        return bool(self.rt.all_mean(torch.tensor(float(self.stop_flag), device=self.rt.device)).item() > 0)
+            return asked
+        return bool(self.rt.all_mean(torch.tensor(float(asked), device=self.rt.device)).item() > 0)
 
     def run(self) -> dict:
         """Train to max_iters (or evaluate once with eval_only); returns the run's summary."""
         self.start_iter = self.iter_num
         if self.show and on_terminal():
             self.bar = progress_bar(total=self.cfg.max_iters, initial=self.iter_num, unit="it")
-        if threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_flag", True))
         self.reset_interval()
         started = time.time()
         try:
-            while True:
+            if self.stop_requested():           # asked while the run was being set up: nothing new to save
+                self.say(f"{self.stops.requested or 'a stop request'} received before the first step: nothing new "
+                         "to save; exiting")
+                self.preempted = True
+            while not self.preempted:
                 try:
                     if self.evaluation_due():
                         self.evaluate()
@@ -509,13 +589,17 @@ class Trainer:
                         self.log_progress()
                     if self.stop_requested():
                         self.check_finite(self.watch.poll())
-                        self.say(f"SIGTERM received: saving a checkpoint at iter {self.iter_num} and exiting")
+                        self.say(f"{self.stops.requested or 'stop'} received: saving a checkpoint at iter "
+                                 f"{self.iter_num} and exiting")
                         self.save()
                         self.preempted = True
                         break
                 except RolledBack:
                     continue
             self.say(self.summary(time.time() - started))
+        except KeyboardInterrupt:                # a second Ctrl-C: at once, nothing saved
+            raise Interrupted(f"stopped by a second Ctrl-C at iter {self.iter_num} without saving; "
+                              f"{self.kept('untouched')}") from None
         finally:
             self.close()
             self.rt.close()
@@ -526,10 +610,13 @@ class Trainer:
         """What the run did, in one line, for whoever started it."""
         cfg = self.cfg
         trained = self.iter_num - self.start_iter
-        text = f"{'stopped by SIGTERM' if self.preempted else 'done'}: {trained} iterations ({trained * self.tokens_per_iter:,} tokens) in {seconds:.0f} s"
-        if self.first_val is not None and self.val_loss is not None:
-            text += (f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]} -> {self.val_loss:.3f} "
-                     f"at iter {self.iter_num} (best {self.best_val_loss:.3f})")
+        how = f"stopped by {self.stops.requested}" if self.preempted else "done"
+        text = f"{how}: {trained} iterations ({trained * self.tokens_per_iter:,} tokens) in {seconds:.0f} s"
+        if self.first_val is not None and self.last_val != self.first_val:
+            text += (f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]} -> {self.last_val[1]:.3f} "
+                     f"at iter {self.last_val[0]} (best {self.best_val_loss:.3f})")
+        elif self.first_val is not None:
+            text += f"; validation loss {self.first_val[1]:.3f} at iter {self.first_val[0]}"
         if self.last_good is not None and not cfg.eval_only:
             text += f"; checkpoint and Hugging Face folder in {cfg.out_dir}"
         return text
@@ -537,8 +624,7 @@ class Trainer:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
+        self.stops.restore()
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if self.rt.ddp:
