@@ -5,7 +5,7 @@
     python -m scripts.position_study --report_only          # rewrite the page from the finished runs
 
 Two parts, each over every encoding text can build (``grape.ENCODINGS`` without the grid ones,
-or ``--encodings``) and ``--seeds`` seeds:
+or ``--encodings``) and ``--seeds`` seeds (``--lm_seeds`` for the language models, default the same):
 
 - ``tasks``: a small model per (encoding, seed) trained on a mixture of position-sensitive
   synthetic tasks (training/synthetic_tasks.py) at one length, scored at 1x, 2x, 4x and 8x it
@@ -95,6 +95,8 @@ def parse_args(argv):
     p.add_argument("--parts", default="tasks,lm", help="tasks, lm or both (default %(default)s)")
     p.add_argument("--encodings", default="all", help="'all' (grape.ENCODINGS that text can build) or a list")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lm_seeds", type=int, default=None,
+                   help="seeds of the language-model part (default: --seeds); it costs most of the study's time")
     p.add_argument("--workers", type=int, default=2, help="processes at once (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default %(default)s)")
     p.add_argument("--task_config", default="config/cpu/position_tasks.py")
@@ -119,8 +121,9 @@ def parse_args(argv):
     if not opts.parts or set(opts.parts) - set(PARTS):
         p.error(f"--parts must name some of {', '.join(PARTS)}")
     opts.lm_multipliers = [int(k) for k in opts.lm_multipliers.split(",")]
-    if min(opts.seeds, opts.workers, opts.threads, opts.lm_eval_windows, *opts.lm_multipliers) < 1:
-        p.error("--seeds, --workers, --threads, --lm_eval_windows and --lm_multipliers must be positive")
+    opts.lm_seeds = opts.seeds if opts.lm_seeds is None else opts.lm_seeds
+    if min(opts.seeds, opts.lm_seeds, opts.workers, opts.threads, opts.lm_eval_windows, *opts.lm_multipliers) < 1:
+        p.error("--seeds, --lm_seeds, --workers, --threads, --lm_eval_windows and --lm_multipliers must be positive")
     for path in (opts.task_config, opts.lm_config):
         if not os.path.isfile(path):
             p.error(f"config file {path!r} not found")
@@ -190,7 +193,7 @@ def lm_root(opts) -> str:
 def compare_command(opts, encodings: list[str], stream: int) -> list[str]:
     """compare_encodings' command (run from the repository root, so every path is absolute)."""
     root = os.path.abspath(lm_root(opts))
-    return COMPARE + [os.path.abspath(opts.lm_config), "--encodings", ",".join(encodings), "--seeds", str(opts.seeds),
+    return COMPARE + [os.path.abspath(opts.lm_config), "--encodings", ",".join(encodings), "--seeds", str(opts.lm_seeds),
                       "--out_root", root, "--report_dir", os.path.join(root, f"stream{stream}"),
                       "--multipliers", ",".join(map(str, opts.lm_multipliers)),
                       "--eval_windows", str(opts.lm_eval_windows), "--eval_device", "cpu", *opts.lm_overrides]
@@ -275,7 +278,7 @@ def run_gains(opts, encodings, pool) -> dict:
     """The context gain of every finished language model that lacks it, in the pool."""
     from training.context_gain import gain_to_file
     futures = {}
-    for i in range(opts.seeds):
+    for i in range(opts.lm_seeds):
         for enc in encodings:
             out_dir, state = lm_state(opts, enc, i)
             if not lm_finished(state, opts) or gain_is_current(out_dir, state, opts):
@@ -307,7 +310,7 @@ def gain_is_current(out_dir: str, state: dict, opts) -> bool:
 
 def lm_records(opts, encodings) -> tuple[list[dict], dict]:
     records, pending = [], {}
-    for i in range(opts.seeds):
+    for i in range(opts.lm_seeds):
         for enc in encodings:
             out_dir, state = lm_state(opts, enc, i)
             if not lm_finished(state, opts) or not gain_is_current(out_dir, state, opts):
