@@ -237,6 +237,50 @@ def test_chunked_matches_dense_when_far_weights_underflow():
         assert torch.equal(before, after)
 
 
+def path_integral_inputs(B=1, H=2, T=300, D=8, dp=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    p, r = torch.randn(B, H, T, dp, generator=g), torch.randn(B, H, T, dp, generator=g)
+    return q, k, v, p, r, torch.tensor([0.5, 0.05])[:H]
+
+
+def test_grape_ap_chunked_matches_dense_where_sigmoid_underflows():
+    """Probes so large that z = <p, r>/d_p falls below -87 for many pairs, where the chunked
+    path's log(sigmoid(z)) would be -inf: those entries are patched to z (logsigmoid's float32
+    value there). Values and the gradients of q, k, v, p, r and the slope match dense, at a
+    length with several query blocks."""
+    q, k, v, p, r, slope = path_integral_inputs()
+    p[:, :, ::7] *= 200.0                      # every 7th query: |z| up to hundreds
+    leaves = [t.requires_grad_() for t in (q, k, v, p, r, slope)]
+    T = q.shape[2]
+    with torch.no_grad():
+        z = p @ r.transpose(-1, -2) / p.shape[-1]
+        assert (z.tril() < attention_chunked.LOG_SIGMOID_LOW).sum() > 1000
+    make_bias = lambda: PathIntegralBias(T, T, 0, p=p, r=r, slope=slope)
+    (ref, ref_g), (got, got_g) = dense_then_chunked(q, k, v, make_bias, leaves, block=64)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    for a, b in zip(ref_g, got_g):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(b, a, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+
+
+def test_grape_ap_underflow_patch_in_a_block_keeps_earlier_rows_bit_exact():
+    """A later key whose r makes z(t, l) < -87 for the *earlier* queries of its block (pairs
+    those queries never see) switches that block to the patched log-sigmoid; the earlier
+    queries' outputs must not change in any bit."""
+    q, k, v, p, r, slope = path_integral_inputs()
+    T, t = q.shape[2], 100                     # queries 64..127 share a block of 64
+    changed = r.clone()
+    changed[:, :, t + 1:] = -1e4 * p[:, :, 64:65]       # <p_s, r_l> hugely negative for s near 64
+    with torch.no_grad():
+        z = p[:, :, 64:t + 1] @ changed[:, :, t + 1:128].transpose(-1, -2) / p.shape[-1]
+        assert z.min() < attention_chunked.LOG_SIGMOID_LOW
+        before = chunked_attention(q, k, v, PathIntegralBias(T, T, 0, p=p, r=r, slope=slope), block=64)
+        after = chunked_attention(q, k, v, PathIntegralBias(T, T, 0, p=p, r=changed, slope=slope), block=64)
+    assert torch.equal(before[:, :, :t + 1], after[:, :, :t + 1])
+    assert not torch.allclose(before[:, :, t + 1:], after[:, :, t + 1:])
+
+
 class MaxNumel(TorchDispatchMode):
     """Records the largest tensor any op produces (forward and backward)."""
 
