@@ -196,6 +196,12 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, bias: SeparableBias) ->
 
 def path_integral_attention(q: Tensor, k: Tensor, v: Tensor, bias: PathIntegralBias,
                             block: Optional[int] = None) -> Tensor:
+    """The fused CPU kernel (grape_ap_cpu.py) where it runs; else, or with ``block`` given (the
+    tensor-op path's query block, for tests), the tensor-op path below. Same function."""
+    if block is None:
+        from grape_ap_cpu import grape_ap_cpu_attention, serves
+        if serves(q, bias.p):
+            return grape_ap_cpu_attention(q, k, v, bias.p, bias.r, bias.slope)
     block = block or query_block(q.shape[0], q.shape[1], k.shape[2])
     return _PathIntegralAttention.apply(q, k, v, bias.p, bias.r, bias.slope, block)
 
