@@ -21,31 +21,32 @@ the near keys that carry the weight. The keys are cut into n_kb blocks (as many 
 zero padding the kernel needs anyway, at least 4), each with its own reference: its first
 position c_β and that key's cumulative sum ρ_β. With β the block of key j,
 
-    b(t, j) = sq_t · (j - c_β)  +  A_β(t) · 1  +  1 · C_j  -  (t - c) · sk_j,
-    A_β(t) = -(t - c_β) sq_t + cq_t - ρ_β,      C_j = (j - c) sk_j - (ck_j - ρ_β),
+    b(t, j) = sq_t · (j - c_β)  +  A_β(t) · 1  -  (t - c_β) · sk_j  +  1 · C_j,
+    A_β(t) = -(t - c_β) sq_t + cq_t - ρ_β,      C_j = (j - c_β) sk_j - (ck_j - ρ_β),
 
-where the term A_β(t) sits in n_kb query columns, one per block, facing one-hot key columns
-(1 on the keys of block β). A visible key j ≤ t meets only its own block's A_β(t), whose
-references come from positions ≤ j; the other blocks' columns (future ones included) meet
-exact zeros. c is the middle key's position: a number fixed by the length, never a token's
-value. Precision: the dot product rounds at the size of its terms, about |sq|·(block length)
-or the range of FoX's sums over a block for the near keys (|sk|·T/2 for the sk term), where
-the dense path rounds each b(t, j) on its own. Largest float32 output error against a float64
-dense reference at T = 4096 (B = 1, H = 4, D = 64, v ~ N(0, 1); parameters at init / all
-perturbed; ``python bench_attention.py --precision --T 4096``):
+where A_β(t) and -(t - c_β) sit in n_kb query columns each, one per block, facing the key
+columns 1[j ∈ β] and sk_j·1[j ∈ β]. A visible key j ≤ t meets only its own block's columns,
+whose references come from positions ≤ j; the other blocks' columns (future ones included)
+meet exact zeros. Precision: the dot product rounds at the size of its terms, about
+|sq|·(block length), |sk|·(t - c_β) or the range of FoX's sums over a block for the near keys
+that carry the weight, where the dense path rounds each b(t, j) on its own. Largest float32
+output error against a float64 dense reference at T = 2048, with the encodings of
+tests/test_attention_backends.py::test_fast_paths_stay_precise_at_long_length:
 
-    ALiBi 1.0e-5, FoX 3.2e-5 / 1.9e-4, GRAPE-A-q 4.7e-6 / 5.5e-6,
-    GRAPE-A-k 2.6e-5 / 3.3e-5, GRAPE-A-qk 3.1e-5 / 3.5e-5   (dense float32: ~1e-6)
+    ALiBi 5.4e-6, FoX 4.2e-5, GRAPE-A-q 3.0e-6, GRAPE-A-k 5.0e-6, GRAPE-A-qk 4.5e-6
+    (dense float32: ~1e-6)
 
-(with one reference at the middle key, before the key blocks: ALiBi 2.1e-5, FoX 1.7e-4 /
-7.4e-4, GRAPE-A-q 1.8e-5, GRAPE-A-qk 5.5e-5 / 3.6e-5). All far below bf16 resolution.
+(with one reference at the middle key for every column: ALiBi 9e-6, FoX 1.8e-4, GRAPE-A-q
+1.1e-5, GRAPE-A-qk 2.1e-5; with key blocks for sq only and the middle key for sk: GRAPE-A-k
+1.1e-5, GRAPE-A-qk 1.6e-5). All far below bf16 resolution. The sk columns cost no time the
+flash kernel shows (its widths 72 and 80 ran alike).
 
 PathIntegralBias (GRAPE-AP): b(t, j) = Σ_{j<ℓ≤t} ψ(t, ℓ) is a per-row suffix sum, not low
 rank. Queries go in blocks; each block sees its visible keys in *reverse* order, where the
 suffix sum becomes a plain prefix ``cumsum`` that starts at the diagonal (accurate for the
 near keys that matter, no flips of big tensors). ψ of the keys after a query is zeroed before
-the cumsum, so they add exact zeros (float32 error at T = 4096 as above: 1.4e-6 / 1.5e-6,
-against 6.9e-6 / 1.8e-5 when they entered the sum). A custom autograd Function keeps only
+the cumsum, so they add exact zeros (float32 error at T = 4096, parameters at init / perturbed:
+1.4e-6 / 1.5e-6, against 6.9e-6 / 1.8e-5 when they entered the sum). A custom autograd Function keeps only
 q, k, v, p, r and the output, and recomputes each block in backward (flash-attention style:
 the same code gives the same probabilities bit for bit, so no logsumexp is kept), with
 dψ(t, ℓ) = Σ_{j<ℓ} dS(t, j) as the matching cumsum. Where the time goes and why the block
@@ -131,11 +132,11 @@ def _tile(qb: Tensor, kb: Tensor, vb: Tensor, bias: Bias, s0: int, s1: int) -> T
 MIN_KEY_BLOCKS = 4
 
 
-def key_blocks(n_keys: int, other_columns: int, head_dim: int) -> int:
-    """Number of key blocks: at least MIN_KEY_BLOCKS, more while they fit in the padding to a
-    multiple of 8 columns; at most one per key."""
-    width = -(-(head_dim + other_columns + MIN_KEY_BLOCKS) // 8) * 8
-    return max(1, min(n_keys, width - head_dim - other_columns))
+def key_blocks(n_keys: int, other_columns: int, head_dim: int, columns_per_block: int = 1) -> int:
+    """Number of key blocks: at least MIN_KEY_BLOCKS, more while their columns fit in the
+    padding to a multiple of 8 columns; at most one per key."""
+    width = -(-(head_dim + other_columns + columns_per_block * MIN_KEY_BLOCKS) // 8) * 8
+    return max(1, min(n_keys, (width - head_dim - other_columns) // columns_per_block))
 
 
 def separable_columns(bias: SeparableBias, batch: int, n_heads: int, head_dim: int):
@@ -146,31 +147,31 @@ def separable_columns(bias: SeparableBias, batch: int, n_heads: int, head_dim: i
     sk = None if bias.slope_k is None else bias.slope_k.float().expand(shape_k)
     cq = None if bias.cum_q is None else bias.cum_q.float()
     ck = None if bias.cum_k is None else bias.cum_k.float()
-    per_block = sq is not None or cq is not None       # A_β(t) exists
-    key_const = sk is not None or cq is not None       # C_j exists
-    other = (sq is not None) + (sk is not None) + key_const
-    length = -(-Tk // (key_blocks(Tk, other, head_dim) if per_block else 1))    # keys per block
+    with_a = sq is not None or cq is not None           # A_β(t) exists
+    key_const = sk is not None or cq is not None        # C_j exists
+    per_block = with_a + (sk is not None)               # column sets with one column per key block
+    other = (sq is not None) + key_const
+    length = -(-Tk // (key_blocks(Tk, other, head_dim, per_block) if per_block else 1))    # keys per block
     n_blocks = -(-Tk // length)
     key_idx = torch.arange(Tk, device=device)
     starts = torch.arange(0, Tk, length, device=device)         # first key of each block
     t_idx = torch.arange(Tk - Tq, Tk, device=device)             # query t as a key index
-    centre = Tk // 2                                             # the sk term's global centre
+    one_hot = (key_idx[:, None] // length == torch.arange(n_blocks, device=device)).float()
     rho = None if ck is None else ck[..., starts].detach()      # (B, H, n_blocks): cancels exactly
     cols = []                                                    # (query column, key column) pairs
     if sq is not None:
         cols.append((sq[..., None], (key_idx % length).float().expand(shape_k)[..., None]))
     if sk is not None:
-        cols.append((-(t_idx - centre).float().expand(shape_q)[..., None], sk[..., None]))
+        cols.append((-(t_idx[:, None] - starts).float().expand(*shape_q, n_blocks), sk[..., None] * one_hot))
     if key_const:
-        c = 0.0 if sk is None else (key_idx - centre).float() * sk
+        c = 0.0 if sk is None else (key_idx % length).float() * sk
         if ck is not None:
             c = c - (ck - rho[..., key_idx // length])
         cols.append((torch.ones(*shape_q, 1, device=device), c.expand(shape_k)[..., None]))
-    if per_block:
+    if with_a:
         a = 0.0 if sq is None else -(t_idx[:, None] - starts).float() * sq[..., None]
         if cq is not None:
             a = a + (cq[..., None] - rho[..., None, :])
-        one_hot = (key_idx[:, None] // length == torch.arange(n_blocks, device=device)).float()
         cols.append((a.expand(*shape_q, n_blocks), one_hot.expand(*shape_k, n_blocks)))
     return torch.cat([c[0] for c in cols], -1), torch.cat([c[1] for c in cols], -1)
 
