@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from attention import attend, backend_choices
-from generation import StreamingGenerationMixin, hf_forward, sample
+from generation import StreamingGenerationMixin, cpu_threads, hf_forward, sample, threads_for
 from grape import GRID_ENCODINGS, LayerCache, build_encoding, check_encoding_name
 
 ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_planes", "grape_m_grid",
@@ -460,25 +460,31 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
 
     @torch.no_grad()
     def generate(self, idx: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
-                 temperature: float = 1.0, top_k: Optional[int] = None, **hf_kwargs):
+                 temperature: float = 1.0, top_k: Optional[int] = None, threads: Optional[int] = None,
+                 **hf_kwargs):
         """nanoGPT: ``generate(idx, max_new_tokens, temperature=1.0, top_k=None)`` samples
         ``max_new_tokens`` tokens after the prompts ``idx`` (B, T) (equal lengths), prefilling
         once and then decoding from the KV cache; ``temperature=0`` is greedy.
         Raises ValueError when prompt + new tokens would exceed ``block_size``: the cache
         cannot slide, because several encodings carry absolute or cumulative state.
+        ``threads``: CPU threads while decoding (None or 0: ``generation.decoding_threads``,
+        1 for small models); the caller's thread count is restored afterwards.
 
         Any other argument (``input_ids=``, ``do_sample=``, ``num_beams=``, ``attention_mask=``,
         ``generation_config=``...) calls transformers' ``GenerationMixin.generate`` instead
         (greedy, sampling and beam search; not assisted decoding)."""
-        if hf_kwargs or idx is None or max_new_tokens is None:
-            if max_new_tokens is not None:
-                hf_kwargs["max_new_tokens"] = max_new_tokens
-            if temperature != 1.0:
-                hf_kwargs["temperature"] = temperature
-            if top_k is not None:
-                hf_kwargs["top_k"] = top_k
-            return StreamingGenerationMixin.generate(self, idx, **hf_kwargs)
-        return sample(self, idx, max_new_tokens, temperature, top_k)
+        prompt = idx if idx is not None else hf_kwargs.get("input_ids")
+        n_threads = threads_for(self, prompt, threads) if prompt is not None else None
+        with cpu_threads(n_threads):
+            if hf_kwargs or idx is None or max_new_tokens is None:
+                if max_new_tokens is not None:
+                    hf_kwargs["max_new_tokens"] = max_new_tokens
+                if temperature != 1.0:
+                    hf_kwargs["temperature"] = temperature
+                if top_k is not None:
+                    hf_kwargs["top_k"] = top_k
+                return StreamingGenerationMixin.generate(self, idx, **hf_kwargs)
+            return sample(self, idx, max_new_tokens, temperature, top_k)
 
     # -- training helpers ------------------------------------------------------------
     def num_parameters_unique(self, exclude_embeddings: bool = False) -> int:
