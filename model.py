@@ -4,14 +4,12 @@ Pre-norm blocks, no biases, RMSNorm, optional QK-RMSNorm, SwiGLU MLP, tied embed
 optional KV-shift. ``GPT.forward(idx, targets)`` returns ``(logits, loss)`` like nanoGPT;
 the classes are ``transformers`` config/model classes so ``save_pretrained`` /
 ``from_pretrained`` work on the checkpoints, and a saved folder carries this code as remote
-code (``hf_checkpoint.py``), so ``AutoModelForCausalLM.from_pretrained(folder,
+code (``modeling/shipping.py``), so ``AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` opens it without this repository.
 """
 
-import importlib
 import math
 import os
-import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -21,9 +19,11 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from attention import attend, backend_choices
-from generation import StreamingGenerationMixin, cpu_threads, hf_forward, sample, threads_for
-from grape import GRID_ENCODINGS, LayerCache, build_encoding, check_encoding_name
+from grape import GRID_ENCODINGS, build_encoding, check_encoding_name
+from modeling.attention import attend, backend_choices
+from modeling.cache import LayerCache
+from modeling.generation import StreamingGenerationMixin, cpu_threads, hf_forward, sample, threads_for
+from modeling.shipping import complete_folder
 
 ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_planes", "grape_m_grid",
                     "grape_m_ctx_dict")
@@ -61,7 +61,7 @@ def settings_from_model_type(model_type: str) -> dict:
 EOT = 50256  # GPT-2's <|endoftext|>: bos and eos (tokenizer.py)
 
 # Where transformers finds these classes in a saved folder, which carries this module's file
-# and the modules it imports (hf_checkpoint.write_code).
+# and the modules it imports (modeling/shipping.write_code).
 AUTO_MAP = {"AutoConfig": f"{__name__.split('.')[-1]}.GPTConfig",
             "AutoModelForCausalLM": f"{__name__.split('.')[-1]}.GPT"}
 
@@ -145,8 +145,9 @@ class GPTConfig(PretrainedConfig):
         for key in ("grape_log_freq_scale", "grape_ctx_omega_scale", "keygated_u_l2_eps", "querygated_v_l2_eps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "head_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.attn_backend not in backend_choices():
             raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {backend_choices()}")
         self.check_grid(parts)
@@ -384,16 +385,13 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """transformers' ``save_pretrained`` (config.json with ``auto_map``, generation_config.json,
         model.safetensors), plus what lets the folder open without this repository: the modelling
-        code as remote code and the GPT-2 tokenizer (``hf_checkpoint.complete_folder``).
+        code as remote code and the GPT-2 tokenizer (``shipping.complete_folder``).
         ``push_to_hub=True`` (with ``repo_id=``) then uploads the complete folder (``push_to_hub``)."""
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token",
                                                  "revision") if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
-        # Loaded as remote code (a package in transformers' module cache), transformers has just
-        # copied these files itself; from the repository, hf_checkpoint writes them. It is
-        # imported by name so that it is not itself shipped as remote code.
-        if not __package__ and kwargs.get("is_main_process", True):
-            importlib.import_module("hf_checkpoint").complete_folder(self, save_directory)
+        if kwargs.get("is_main_process", True):
+            complete_folder(self, save_directory)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, **hub_kwargs)
@@ -423,37 +421,6 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         if missing or unexpected:
             raise ValueError(f"checkpoint {source} does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-
-    @classmethod
-    def load(cls, path: str, map_location="cpu", model_type: Optional[str] = None, **overrides) -> "GPT":
-        """Load a ``save_pretrained`` folder or a training checkpoint file (``ckpt.pt`` with
-        keys ``model`` and ``model_config``), of this repository or of the original one
-        (``original_checkpoint.py``; ``model_type`` names the original's encoding where its
-        parameters do not, e.g. 'llama-mha-rope'). ``overrides`` change config fields that do
-        not change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
-        # imported by name so that they are not shipped as remote code (hf_checkpoint)
-        checkpoint = importlib.import_module("checkpoint")
-        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-            checkpoint.check_pretrained_folder(path)
-            original_checkpoint = importlib.import_module("original_checkpoint")
-            if original_checkpoint.is_original_folder(path):
-                return original_checkpoint.load_original(path, model_type, **overrides)
-            if model_type is not None:
-                raise ValueError(f"{path} is a folder of this repository; model_type is for the original's folders")
-            with checkpoint.hf_progress_bars_off(not sys.stderr.isatty()):   # no bars in log files (tqdm's convention)
-                return cls.from_pretrained(path, **overrides)
-        if os.path.isdir(path):
-            path = os.path.join(path, "ckpt.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
-        ckpt = checkpoint.read_checkpoint_file(path, map_location)
-        if "model" not in ckpt or "model_config" not in ckpt:
-            raise checkpoint.CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
-        config = GPTConfig(**{**ckpt["model_config"], **overrides})
-        model = cls(config)
-        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-        model.load_exactly(state, path)
-        return model
 
     def new_caches(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.config.n_layer)]
@@ -493,6 +460,14 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
         return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the matmuls
+        (forward and backward) + 12·L·H·D·T for the attention logits and values. The training
+        log's MFU and the dry run (``training/sizing.py``) use it; positional encodings add
+        lower-order terms it leaves out."""
+        c = self.config
+        return 6 * self.num_parameters_unique() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     WEIGHT_DECAY_POLICIES = ("all_but_norms", "matrices")
 

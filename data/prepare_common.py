@@ -32,11 +32,12 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the prepare scripts run from data/<name>/, shards.py lives at the root
+if ROOT not in sys.path:  # the prepare scripts run from data/<name>/; training/ lives at the root
     sys.path.insert(0, ROOT)
 
-from shards import list_shards, read_shard, write_shard  # noqa: E402
-from tokenizer import EOT, gpt2_encoding  # noqa: E402
+from training.progress import progress_bar  # noqa: E402
+from training.shards import list_shards, read_shard, write_shard  # noqa: E402
+from training.tokenizer import EOT, gpt2_encoding  # noqa: E402
 
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 STATE_FILE = "prepare_state.json"
@@ -308,9 +309,8 @@ def prepare(documents, out_dir: str, *, source: str, shard_size: int = 100_000_0
     documents = itertools.islice(iter(documents), skip_docs, None)
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=max_tokens, initial=state_train0 + state_val0, unit="tok", unit_scale=True,
-                   desc=f"tokenizing {source}", disable=None)   # None: no bar when stderr is not a terminal
+        bar = progress_bar(total=max_tokens, initial=state_train0 + state_val0, unit="tok", unit_scale=True,
+                           desc=f"tokenizing {source}")
     doc = skip_docs
     for doc, (toks, to_val) in enumerate(tokenize_stream(documents, num_proc, val_fraction), start=skip_docs):
         pos = skip_toks if doc == skip_docs else 0

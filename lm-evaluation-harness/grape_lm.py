@@ -7,7 +7,7 @@ Importing this module registers the model name ``grape`` with the real ``lm_eval
         --model_args pretrained=out-shakespeare --tasks arc_easy --batch_size 16
 
 or, from Python, ``lm_eval.simple_evaluate(model="grape", model_args="pretrained=...")``
-works. ``pretrained`` is anything ``GPT.load`` reads: a ``save_pretrained`` folder, a training
+works. ``pretrained`` is anything ``training.checkpoint.load_model`` reads: a ``save_pretrained`` folder, a training
 out_dir holding ``ckpt.pt``, or the ``ckpt.pt`` file itself.
 
 Batching follows lm_eval's own HF model: requests sorted by length (longest first),
@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -37,7 +36,9 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
                                   postprocess_generated_text)
 
 from model import GPT  # noqa: E402
-from tokenizer import EOT, gpt2_encoding  # noqa: E402
+from training.checkpoint import load_model  # noqa: E402
+from training.progress import on_terminal, progress_bar  # noqa: E402
+from training.tokenizer import EOT, gpt2_encoding  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class GrapeLM(TemplateLM):
             model = pretrained
         else:
             overrides = {"block_size": int(block_size)} if block_size else {}
-            model = GPT.load(str(pretrained), **overrides)
+            model = load_model(str(pretrained), **overrides)
         self.model = model.to(self._device).eval()
         if dtype not in DTYPES:
             raise ValueError(f"grape: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -139,7 +140,7 @@ class GrapeLM(TemplateLM):
     # -- loglikelihood ------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         # lm_eval's own "Tokenizing inputs" bar as well: none when stderr is not a terminal
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty())
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not on_terminal())
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: ((context, continuation) or None, context_enc, continuation_enc)."""
@@ -152,8 +153,7 @@ class GrapeLM(TemplateLM):
         ordered = Collator(requests, sort_fn=longest_first, group_by="contexts",
                            group_fn=lambda req: req[-2] + req[-1][:-1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm or None,  # None: off unless a terminal
-                   desc="grape loglikelihood")
+        bar = progress_bar(total=len(requests), enabled=not disable_tqdm, desc="grape loglikelihood")
         for chunk in ordered.get_batched(n=self.batch_size_per_gpu):
             rows, lengths = [], []
             for _, ctx, cont in chunk:
@@ -208,7 +208,7 @@ class GrapeLM(TemplateLM):
                            sort_fn=lambda req: (-len(self.tok_encode(req[0])), req[0]),
                            group_by="gen_kwargs", group_fn=lambda req: req[1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm or None, desc="grape generate_until")
+        bar = progress_bar(total=len(requests), enabled=not disable_tqdm, desc="grape generate_until")
         eos = self.enc.decode([EOT])
         for chunk in ordered.get_batched(n=self.batch_size_per_gpu):
             contexts, all_kwargs = zip(*chunk)

@@ -4,10 +4,8 @@ import sys
 
 import pytest
 
-# Tests import the repository's top-level modules (grape, model, ...) directly.
+# Tests import the repository's modules from its root (pyproject.toml: pythonpath).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 # Triton reads TRITON_INTERPRET when first imported (torch's flex_attention may import it
 # early): without a GPU the GRAPE-AP kernel tests run in Triton's CPU interpreter.

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import sys
-import types
 
 os.environ["TRITON_INTERPRET"] = "1"          # before anything imports triton
 
@@ -244,9 +243,9 @@ def resolve_config(root: str, path: str) -> dict:
 OURS = """
 import json, sys
 sys.path.insert(0, "tests")
-from configurator import configure
+from training.configurator import configure
 from original_goldens import with_fixed_keys
-from train_adam_finewebedu import defaults
+from training.settings import defaults
 out = {}
 for path in sys.argv[1:]:
     values, accepted = defaults()

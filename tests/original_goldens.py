@@ -124,5 +124,5 @@ def config_mismatches(original: dict, ours: dict) -> list[str]:
 
 def with_fixed_keys(config: dict) -> dict:
     """The configurator's resolved dict plus the keys it accepts at one value only (not stored)."""
-    from configurator import FIXED_KEYS
+    from training.configurator import FIXED_KEYS
     return {**{key: value for key, (value, _) in FIXED_KEYS.items()}, **config}

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import attention
-import attention_chunked
-from attention import attend, choose_backend, dense_attention, dense_logits
-from attention_chunked import chunked_attention
-from grape import ENCODINGS, GRID_ENCODINGS, Bias, Encoding, LayerCache, PathIntegralBias, SeparableBias, build_encoding
+from modeling import attention
+from modeling import chunked
+from modeling.attention import attend, choose_backend, dense_attention, dense_logits
+from modeling.chunked import chunked_attention
+from grape import ENCODINGS, GRID_ENCODINGS, Encoding, build_encoding
+from modeling.bias import Bias, PathIntegralBias, SeparableBias
+from modeling.cache import LayerCache
 from model import GPT, GPTConfig
 from perturbation import perturb_parameters
 
@@ -259,7 +261,7 @@ def test_grape_ap_chunked_matches_dense_where_sigmoid_underflows():
     T = q.shape[2]
     with torch.no_grad():
         z = p @ r.transpose(-1, -2) / p.shape[-1]
-        assert (z.tril() < attention_chunked.LOG_SIGMOID_LOW).sum() > 1000
+        assert (z.tril() < chunked.LOG_SIGMOID_LOW).sum() > 1000
     make_bias = lambda: PathIntegralBias(T, T, 0, p=p, r=r, slope=slope)
     (ref, ref_g), (got, got_g) = dense_then_chunked(q, k, v, make_bias, leaves, block=64)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
@@ -278,7 +280,7 @@ def test_grape_ap_underflow_patch_in_a_block_keeps_earlier_rows_bit_exact():
     changed[:, :, t + 1:] = -1e4 * p[:, :, 64:65]       # <p_s, r_l> hugely negative for s near 64
     with torch.no_grad():
         z = p[:, :, 64:t + 1] @ changed[:, :, t + 1:128].transpose(-1, -2) / p.shape[-1]
-        assert z.min() < attention_chunked.LOG_SIGMOID_LOW
+        assert z.min() < chunked.LOG_SIGMOID_LOW
         before = chunked_attention(q, k, v, PathIntegralBias(T, T, 0, p=p, r=r, slope=slope), block=64)
         after = chunked_attention(q, k, v, PathIntegralBias(T, T, 0, p=p, r=changed, slope=slope), block=64)
     assert torch.equal(before[:, :, :t + 1], after[:, :, :t + 1])
@@ -367,7 +369,7 @@ def test_unknown_backend_and_bias_fail_clearly():
     bias = SeparableBias(4, 4, 0, slope_q=torch.ones(1, 1, 1))
     with pytest.raises(ValueError, match="unknown attn_backend"):
         attend(q, q, q, bias, "fast")
-    with pytest.raises(TypeError, match="evaluates a grape.Bias, got object"):
+    with pytest.raises(TypeError, match="evaluates a Bias, got object"):
         chunked_attention(q, q, q, bias=object())
     with pytest.raises(ValueError, match="covers 4 queries x 4 keys, attention has 3 x 4"):
         chunked_attention(q[:, :, 1:], q, q, bias)
@@ -383,7 +385,7 @@ def test_unknown_backend_and_bias_fail_clearly():
 
 @pytest.mark.parametrize("name", ADDITIVE)
 def test_gpt_chunked_matches_dense_logits_and_gradients(name, monkeypatch):
-    monkeypatch.setattr(attention_chunked, "BLOCK_ELEMENTS", 1)   # smallest blocks: several per sequence
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1)   # smallest blocks: several per sequence
     torch.manual_seed(0)
     settings = dict(vocab_size=64, block_size=96, n_layer=2, n_head=2, n_embd=32, pos_encoding=name,
                     grid=encoding_config(name).grid and (8, 12))

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-import attention
-from attention import chunked_attention, dense_attention, dense_logits, triton_attention
-from backend_check import BackendMismatch, attention_layer, backends_in_use, check_backends
+from modeling import attention
+from modeling.attention import chunked_attention, dense_attention, dense_logits, triton_attention
+from training.backend_check import BackendMismatch, attention_layer, backends_in_use, check_backends
 from model import GPT, GPTConfig
 from perturbation import perturb_parameters
 

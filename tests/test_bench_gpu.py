@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-import bench_gpu
-from bench_attention import run_config, write_section
+from scripts import bench_gpu
+from scripts.bench_attention import run_config, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_without_a_gpu_it_stops_at_once_with_what_to_do(monkeypatch, capsys):
 def test_the_command_fails_within_its_first_minute_without_a_gpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}          # no GPU, even on a GPU machine
     start = time.time()
-    done = subprocess.run([sys.executable, "bench_gpu.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "scripts.bench_gpu"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "needs a CUDA GPU" in done.stderr
@@ -120,7 +120,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     # as a command, in its own process: the CPU attention stage forks, and a child forked from
     # a process that has already run OpenMP work (this pytest process) can hang in libgomp
     out = str(tmp_path / "BENCHMARKS.md")
-    done = subprocess.run([sys.executable, "bench_gpu.py", "--device", "cpu", "--smoke", "--out", out], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "scripts.bench_gpu", "--device", "cpu", "--smoke", "--out", out], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = open(out).read()

@@ -9,8 +9,8 @@ GRAPE-AP kernel in Triton's interpreter (small shapes, small blocks).
 import pytest
 import torch
 
-import attention
-import attention_chunked
+from modeling import attention
+from modeling import chunked
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
 from perturbation import perturb_parameters
@@ -55,7 +55,7 @@ def test_future_tokens_change_no_bit_of_earlier_logits_on_the_long_path(name, sh
         return pick(q, bias, device_type)
 
     monkeypatch.setattr(attention, "choose_backend", recording)
-    monkeypatch.setattr(attention_chunked, "BLOCK_ELEMENTS", 1)          # query blocks of 32
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1)          # query blocks of 32
     for t in (40, 170):                               # inside a key block; past several
         assert_exactly_causal(model, T, t)
     additive = model.transformer.h[0].attn.pos.additive
@@ -65,7 +65,7 @@ def test_future_tokens_change_no_bit_of_earlier_logits_on_the_long_path(name, sh
 @pytest.mark.parametrize("shift", [False, True], ids=["plain", "kvshift"])
 def test_future_tokens_change_no_bit_of_earlier_logits_on_the_triton_kernel(shift, monkeypatch):
     pytest.importorskip("triton")
-    import grape_ap_triton
+    from modeling import grape_ap_triton
     if not torch.cuda.is_available() and not grape_ap_triton._interpreter_ready():
         pytest.fail("Triton's interpreter is off: conftest.py sets TRITON_INTERPRET=1 before triton is imported")
     # blocks of 16: several query and key blocks, with rows that see no key of a block

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-import compare_encodings
-import compare_report
-import eval_length
+from scripts import compare_encodings
+from training import report
+from scripts import eval_length
 import grape
 from test_training import data_dir  # noqa: F401  (the shards fixture)
 
@@ -88,7 +88,7 @@ def test_results_table_equals_what_each_run_logged(compared):
     assert rows["alibi"]["× rope"] == f"{speeds['alibi'] / speeds['rope']:.2f}"
     assert rows["alibi"]["Δ vs rope"] == f"{finals['alibi'] - finals['rope']:+.3f}"
     for png in ("curves.png", "loss_by_position.png"):
-        assert (root / "report" / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (root / "report" / "RESULTS.md").read_text()
     assert "not** a reproduction" in text and "one seed" in text
 
@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(toy, tmp_path):
             "--report_dir", str(tmp_path / "report"), "--eval_windows", "1",
             "--max_iters=200", "--lr_decay_iters=200", "--eval_interval=20", "--log_interval=1"]
     out = tmp_path / "runs" / "rope" / "seed0"
-    driver = subprocess.Popen([sys.executable, os.path.join(ROOT, "compare_encodings.py"), *args], cwd=ROOT,
+    driver = subprocess.Popen([sys.executable, "-m", "scripts.compare_encodings", *args], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while not (out / "ckpt.pt").exists():
@@ -143,14 +143,14 @@ def test_differences_within_the_combined_seed_spread_are_marked():
     rope, near, far = [3.0, 3.1, 3.2], [3.05, 3.15, 3.25], [2.5, 2.6, 2.7]
     runs = [{"encoding": e, "val_loss": v, "length_loss": {2: v}, "tokens_per_sec": 100.0, "wall_s": 60.0,
              "n_params": 1e6} for e, vals in (("rope", rope), ("near", near), ("far", far)) for v in vals]
-    agg = compare_report.aggregate(runs, ["rope", "near", "far"])
+    agg = report.aggregate(runs, ["rope", "near", "far"])
     assert agg["rope"]["val"][1] == pytest.approx(0.1)            # sample std of 3.0, 3.1, 3.2
-    rows = table_rows_from_text(compare_report.table(agg, "rope"))
+    rows = table_rows_from_text(report.table(agg, "rope"))
     # |3.15 - 3.10| = 0.05 < sqrt(0.1^2 + 0.1^2) = 0.141: within; |2.6 - 3.1| = 0.5: beyond
     assert rows["near"]["Δ vs rope"] == "+0.050 ≈" and rows["near"]["loss 2× (2T)"].endswith("≈")
     assert rows["far"]["Δ vs rope"] == "-0.500" and not rows["far"]["loss 2× (2T)"].endswith("≈")
     assert [r["encoding"] for r in rows.values()] == ["`far`", "`rope`", "`near`"]   # sorted by loss
-    assert compare_report.ranking(agg) == "`far` 2.600 < `rope` 3.100 ≈ `near` 3.150"
+    assert report.ranking(agg) == "`far` 2.600 < `rope` 3.100 ≈ `near` 3.150"
 
 
 def table_rows_from_text(text):
@@ -173,7 +173,7 @@ def test_encoding_names_all_compositions_and_kvshift(toy):
     cfg = compare_encodings.resolve(compare_encodings.training_args([config], run[0], False))
     assert (cfg.pos_encoding, cfg.use_k_shift, cfg.use_v_shift, cfg.seed, cfg.data_seed) == ("fox", True, True, 7, 11)
     # a paper run config names its encoding by model_type: cleared, so --pos_encoding wins
-    paper = os.path.join(ROOT, "config", "train_llama_mha_rope_medium_adam_80g8.py")
+    paper = os.path.join(ROOT, "config", "paper", "train_llama_mha_rope_medium_adam_80g8.py")
     cfg = compare_encodings.resolve(compare_encodings.training_args([paper], run[1], True))
     assert (cfg.pos_encoding, cfg.n_layer, cfg.block_size) == ("rope+grape_ap", 24, 4096)
 
@@ -185,7 +185,9 @@ def test_all_skips_encodings_the_config_cannot_build_and_a_named_one_is_an_error
     assert compare_encodings.main(args) == 0
     printed = capsys.readouterr()
     assert "skipping rope: head_dim=15 must be even" in printed.err
-    planned = re.findall(r"^(\S+) seed 0: new$", printed.out, flags=re.M)
+    planned = re.findall(r"^(\S+) run 0 \(seed (\d+), data_seed (\d+)\): new$", printed.out, flags=re.M)
+    assert {(seed, data_seed) for _, seed, data_seed in planned} == {("7", "11")}   # the config's, not 0
+    planned = [encoding for encoding, _, _ in planned]
     assert "alibi" in planned and "nope" in planned and "rope" not in planned
     with pytest.raises(SystemExit, match="config error for rope: head_dim=15 must be even"):
         compare_encodings.main([config, "--encodings", "rope,alibi", "--out_root", str(tmp_path / "runs"),

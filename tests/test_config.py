@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from configurator import ConfigError, configure
+from training.configurator import ConfigError, configure
 from model import GPT, GPTConfig
-from train_adam_finewebedu import defaults, main
+from train_adam_finewebedu import main
+from training.settings import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -122,7 +123,7 @@ def test_original_encoding_keys_reach_the_model_with_their_meaning(tmp_path):
     text = ("model_type = 'llama-mha-grape-m-ctx'\ngrape_base = 500.0\ngrape_share_across_heads = False\n"
             "grape_learnable_freq = False\ngrape_ctx_init_omega = 0.5\np_head_dim = None\n")
     cfg = resolve(write(tmp_path, text))
-    from configurator import model_fields
+    from training.configurator import model_fields
     config = GPTConfig(**{k: cfg[k] for k in model_fields()} | dict(n_layer=1, n_head=2, n_embd=32, head_dim=16))
     enc = GPT(config).transformer.h[0].attn.pos
     assert enc.log_freq.shape == (2, 8) and not enc.log_freq.requires_grad
@@ -152,7 +153,7 @@ def test_unsupported_original_settings_are_refused_naming_the_key(tmp_path, text
         resolve(write(tmp_path, text))
 
 
-PAPER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "train_llama_mha_*_adam_80g8.py")))
+PAPER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "paper", "train_llama_mha_*_adam_80g8.py")))
 # The original repository's 30 runs, among them Tables 1 and 2 of the paper: (size, kv-shift) -> encodings
 PAPER_RUNS = {
     ("medium", False): {"rope", "grape_m_ctx", "grape_m", "alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"},
@@ -180,13 +181,13 @@ def test_config_resolves_to_the_original_files_values(name):
     """Every key that shapes the model, data, optimisation or schedule has the value the original's
     training script gives it for the same-named original file (logging and paths aside:
     original_goldens.NOT_COMPARED says why), including the model_args it passes to the model."""
-    cfg = resolve(os.path.join(ROOT, "config", name))
+    cfg = resolve(os.path.join(ROOT, "config", "paper", name))
     assert config_mismatches(ORIGINAL_CONFIGS[name], with_fixed_keys(cfg)) == []
 
 
 def test_config_comparison_sees_a_changed_value():
     name = "train_llama_mha_grape_m_ctx_kvshift_large_adam_80g8.py"
-    cfg = with_fixed_keys(resolve(os.path.join(ROOT, "config", name)))
+    cfg = with_fixed_keys(resolve(os.path.join(ROOT, "config", "paper", name)))
     for key, value in (("eval_iters", 200), ("grape_m_per_head", True), ("data_seed", 1337), ("rope_base", 500.0)):
         assert config_mismatches(ORIGINAL_CONFIGS[name], {**cfg, key: value}) != [], key
 
@@ -206,7 +207,7 @@ def test_paper_config_has_the_papers_hyperparameters(path):
 
 @pytest.mark.parametrize("size, expected", [("medium", 353e6), ("large", 770e6)])
 def test_paper_sizes_give_the_papers_parameter_counts(size, expected):
-    values = resolve(os.path.join(ROOT, "config", f"train_llama_mha_rope_{size}_adam_80g8.py"))
+    values = resolve(os.path.join(ROOT, "config", "paper", f"train_llama_mha_rope_{size}_adam_80g8.py"))
     config = GPTConfig(**{k: values[k] for k in ("n_layer", "n_head", "n_embd", "head_dim", "block_size", "pos_encoding")})
     with torch.device("meta"):
         n = GPT(config).num_parameters_unique()
@@ -217,7 +218,7 @@ def test_paper_sizes_give_the_papers_parameter_counts(size, expected):
     assert abs(n - expected) / expected < 0.01
 
 
-CPU_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "train_cpu_*.py"))
+CPU_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "cpu", "train_cpu_*.py"))
                      if not p.endswith("train_cpu_base.py"))    # the base holds shared settings only
 
 
@@ -230,6 +231,6 @@ def test_every_encoding_has_a_cpu_config():
 def test_cpu_configs_build_a_model(path):
     cfg = resolve(path)
     assert cfg.device == "cpu" and cfg.dataset == "pydoc" and not cfg.compile
-    from configurator import model_fields
+    from training.configurator import model_fields
     with torch.device("meta"):
         GPT(GPTConfig(**{k: cfg[k] for k in model_fields()}))

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards import list_shards, read_shard
-from tokenizer import EOT, gpt2_encoding
+from training.shards import list_shards, read_shard
+from training.tokenizer import EOT, gpt2_encoding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))

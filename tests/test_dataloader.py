@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import TokenBatches, iter_sequential
-from shards import HEADER_BYTES, HEADER_INTS, ShardError, write_shard
+from training.dataloader import TokenBatches, iter_sequential
+from training.shards import HEADER_BYTES, HEADER_INTS, ShardError, write_shard
 
 BLOCK = 16
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generation import StreamingCache
+from modeling.generation import StreamingCache
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
 
@@ -285,7 +285,7 @@ def test_transformers_generate_rejects_what_it_cannot_do_exactly():
 # ----------------------------------------------------------------------------------------
 
 def test_sample_script_prints_text_from_both_checkpoint_formats(tmp_path, capsys, monkeypatch):
-    import sample
+    from scripts import sample
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, pos_encoding="grape_ap")
     model = GPT(cfg)
@@ -325,7 +325,7 @@ def threads_seen_by_forward(model):
 
 
 def test_generate_decodes_small_models_on_one_thread_and_restores_the_callers_count():
-    import generation
+    from modeling import generation
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=V, block_size=BLOCK, pos_encoding="rope"))
     idx = torch.randint(0, V, (1, 5))
@@ -347,7 +347,7 @@ def test_generate_decodes_small_models_on_one_thread_and_restores_the_callers_co
 
 
 def test_decoding_threads_follow_step_size_and_load(monkeypatch):
-    import generation
+    from modeling import generation
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=V, block_size=BLOCK, pos_encoding="rope"))
     flops = 2 * sum(p.numel() for p in model.parameters())
@@ -366,7 +366,7 @@ def test_decoding_threads_follow_step_size_and_load(monkeypatch):
 
 
 def test_sample_script_takes_a_thread_count(tmp_path, monkeypatch):
-    import sample
+    from scripts import sample
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, pos_encoding="rope")
     torch.save({"model": GPT(cfg).state_dict(), "model_config": cfg.to_dict()}, tmp_path / "ckpt.pt")

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import dataloader
-from model import GPT
+from training import checkpoint
+from training import dataloader
+from training.checkpoint import load_model
 from test_training import data_dir, read_log, tiny, train_losses  # noqa: F401  (data_dir: a fixture)
 from train_adam_finewebedu import cli, main
 
@@ -54,7 +54,7 @@ def test_nan_stops_with_a_message_naming_the_iteration_and_keeps_the_last_checkp
 def val_loss_of(path: str, data_dir: str, n_batches: int = 2) -> float:
     """Validation loss of a checkpoint's weights on the batches the training run evaluates,
     computed here with a plain forward and cross-entropy."""
-    model = GPT.load(path).eval()
+    model = load_model(path).eval()
     val = dataloader.TokenBatches(data_dir, "val", 4, 32, seed=1337)
     with torch.no_grad():
         losses = [F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item()

@@ -1,19 +1,17 @@
 """eval_length.py: its loss at 1x/2x the training context equals an independent
 cross-entropy computation on the same validation windows, and it writes table and plot."""
 import csv
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import eval_length  # noqa: E402
+from scripts import eval_length  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from shards import ShardError, read_shard, write_shard  # noqa: E402
+from training.checkpoint import load_model
+from training.shards import ShardError, read_shard, write_shard  # noqa: E402
 
 T = 16
 
@@ -38,7 +36,7 @@ def run_dir(tmp_path_factory):
 def independent_position_loss(path, data, length, starts):
     """Windows of length+1 tokens read straight from the shard; log-softmax and gather by hand."""
     tokens = np.asarray(read_shard(str(data / "val_000000.bin")), dtype=np.int64)
-    model = GPT.load(str(path), block_size=length).eval()
+    model = load_model(str(path), block_size=length).eval()
     per_position = np.zeros(length)
     for s in starts:
         w = torch.from_numpy(tokens[s:s + length + 1])
@@ -81,3 +79,29 @@ def test_eval_length_too_short_val_split_is_a_clear_error(run_dir, tmp_path):
     path, _ = run_dir
     with pytest.raises(ShardError, match="multipliers"):
         eval_length.main([str(path), "--multipliers", "64", "--out_dir", str(tmp_path)])
+
+
+def test_on_the_training_runs_own_validation_batches_it_gives_the_logged_val_loss(tmp_path):
+    """What the training log's val_loss measures (eval_iters random windows drawn with
+    eval_seed) is what eval_length reports beside its own evenly spread windows; on the same
+    checkpoint the two agree with the log to float rounding."""
+    from train_adam_finewebedu import main
+    from training.length_eval import training_validation_loss
+    from training.runlog import run_log
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 4000), ("val", 2000)):
+        write_shard(str(data / f"{split}_000000.bin"), rng.integers(0, 256, size=n))
+    out = tmp_path / "out"
+    main([f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2",
+          "--n_embd=32", "--head_dim=16", "--vocab_size=256", "--block_size=32", "--batch_size=3", "--max_iters=4", "--eval_interval=4",
+          "--eval_iters=3", "--log_interval=2", "--warmup_iters=1", "--pos_encoding=fox", "--eval_seed=9",
+          "--progress=False"])
+    logged = run_log(str(out / "log.jsonl"))["val"][-1]
+    own = training_validation_loss(str(out), str(data))
+    assert own["iter"] == logged[0] == 4 and own["windows"] == 9 and own["T"] == 32
+    assert own["logged"] == logged[2]
+    assert own["loss"] == pytest.approx(logged[2], rel=1e-6)
+    printed = eval_length.what_is_measured(eval_length.evaluate([str(out)], (1,), 4), None, "cpu")
+    assert f"{logged[2]:.4f}" in printed and "4 windows of 32 tokens" in printed

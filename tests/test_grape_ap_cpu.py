@@ -1,4 +1,4 @@
-"""The fused GRAPE-AP CPU kernel (grape_ap_cpu.cpp) against the dense reference.
+"""The fused GRAPE-AP CPU kernel (modeling/grape_ap_cpu.cpp) against the dense reference.
 
 The reference is ``dense_attention`` with the bias's own ``dense()`` (an independent O(T²)
 evaluation, autograd for the gradients). Lengths >= 256 with several of the kernel's query
@@ -14,11 +14,10 @@ import sys
 import pytest
 import torch
 
-import attention_chunked
-import grape_ap_cpu
-from attention import attend, dense_attention
-from grape import PathIntegralBias
 from model import GPT, GPTConfig
+from modeling import chunked, grape_ap_cpu
+from modeling.attention import attend, dense_attention
+from modeling.bias import PathIntegralBias
 
 if os.environ.get(grape_ap_cpu.SWITCH) == "0":
     pytest.skip(f"{grape_ap_cpu.SWITCH}=0: the kernel is switched off", allow_module_level=True)
@@ -127,8 +126,8 @@ def test_switched_off_kernel_leaves_the_tensor_op_path(monkeypatch):
     bias = PathIntegralBias(260, 260, 0, p=p, r=r, slope=slope)
     assert not grape_ap_cpu.serves(q, p)
     called = []
-    real = attention_chunked._PathIntegralAttention.apply
-    monkeypatch.setattr(attention_chunked._PathIntegralAttention, "apply", lambda *a: called.append(1) or real(*a))
+    real = chunked._PathIntegralAttention.apply
+    monkeypatch.setattr(chunked._PathIntegralAttention, "apply", lambda *a: called.append(1) or real(*a))
     with torch.no_grad():
         torch.testing.assert_close(attend(q, k, v, bias, "chunked"), dense_attention(q, k, v, bias),
                                    atol=2e-6, rtol=1e-5)
@@ -153,9 +152,10 @@ def test_avx2_build_matches_dense():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
     script = (
-        "import torch, grape_ap_cpu\n"
-        "from attention import dense_attention\n"
-        "from grape import PathIntegralBias\n"
+        "import torch\n"
+        "from modeling import grape_ap_cpu\n"
+        "from modeling.attention import dense_attention\n"
+        "from modeling.bias import PathIntegralBias\n"
         "assert grape_ap_cpu.status() == 'grape_ap_cpu_avx2', grape_ap_cpu.status()\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q, k, v = (torch.randn(1, 2, 270, 8, generator=g) for _ in range(3))\n"

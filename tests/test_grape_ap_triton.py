@@ -1,4 +1,4 @@
-"""The GRAPE-AP Triton kernel against the dense reference (attention_common.dense_attention).
+"""The GRAPE-AP Triton kernel against the dense reference (dense.dense_attention).
 
 Without a GPU the kernels run in Triton's interpreter, which must be switched on before the
 first ``import triton`` in the process: set it here (grape_ap_triton.py does the same).
@@ -18,9 +18,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-import grape_ap_triton as gat                       # noqa: E402
-from attention import dense_attention, dense_logits     # noqa: E402
-from grape import GrapeAP, LayerCache, PathIntegralBias   # noqa: E402
+from modeling import grape_ap_triton as gat                       # noqa: E402
+from modeling.attention import dense_attention, dense_logits     # noqa: E402
+from grape import GrapeAP  # noqa: E402
+from modeling.cache import LayerCache
+from modeling.bias import PathIntegralBias
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL, RTOL = 2e-5, 2e-5
@@ -332,7 +334,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
         pytest.skip("this triton wheel ships no ptxas")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    code = "import grape_ap_triton as g; print(g.compile_for_gpu(90, 64, 'bf16'))"
+    code = "from modeling import grape_ap_triton as g; print(g.compile_for_gpu(90, 64, 'bf16'))"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import attend, dense_attention, dense_logits
-from grape import (GrapeADictionary, GrapeAGrid, GrapeAPhase, GrapeMContextualDictionary, GrapeMGrid,
-                   GrapeMLearnedBasis, GrapeMPlanes, LayerCache, alibi_slopes, build_encoding,
-                   raster_coordinates, rodrigues_apply, rope_frequencies)
+from modeling.attention import attend, dense_attention, dense_logits
+from grape import (GrapeADictionary, GrapeAGrid, GrapeAPhase, GrapeMContextualDictionary, GrapeMGrid, GrapeMLearnedBasis, GrapeMPlanes, alibi_slopes, build_encoding, raster_coordinates, rodrigues_apply, rope_frequencies)
+from modeling.cache import LayerCache
 from model import GPT, GPTConfig
 from perturbation import perturb_parameters
 
@@ -554,13 +553,8 @@ def test_fast_path_matches_dense_at_long_length(name, extra):
 
 
 def test_grid_example_runs_at_toy_size():
-    """examples/grid_next_patch.py end to end at a toy size (the real run is about a minute)."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "grid_next_patch.py")
-    spec = importlib.util.spec_from_file_location("grid_next_patch", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    """scripts/grid_next_patch.py end to end at a toy size (the real run is about a minute)."""
+    from scripts import grid_next_patch as example
     images = example.rectangles(3, 6, torch.Generator().manual_seed(0))
     assert images.shape == (3, 36) and images.max() < example.COLOURS and (images > 0).any()
     results = example.main(["--steps", "3", "--train_size", "4", "--eval_size", "6", "--batch_size", "2",

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import attend
+from modeling.attention import attend
 from grape import build_encoding
 from model import GPTConfig
 from perturbation import perturb_parameters

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import dense_logits
-from grape import (ALiBi, FoX, GrapeA, GrapeAP, GrapeM, GrapeMContextual, RoPE, alibi_slopes,
-                   path_integral_sum, rank2_generator, rodrigues_apply, rodrigues_exp)
+from modeling.attention import dense_logits
+from grape import (ALiBi, FoX, GrapeA, GrapeAP, GrapeM, GrapeMContextual, RoPE, alibi_slopes, rank2_generator,
+                   rodrigues_apply, rodrigues_exp)
+from modeling.bias import path_integral_sum
 from model import GPTConfig
 from perturbation import perturb_parameters
 

@@ -1,6 +1,6 @@
 """A saved folder is a Hugging Face checkpoint: a fresh process that cannot import this
 repository (nor triton) opens it with AutoConfig / AutoModelForCausalLM (trust_remote_code) /
-AutoTokenizer / pipeline and gets the logits ``GPT.load`` gives; the tokenizer is GPT-2's
+AutoTokenizer / pipeline and gets the logits ``load_model`` gives; the tokenizer is GPT-2's
 (checked against tiktoken); generate() stops at <|endoftext|>; the folders the training writes,
 ``push_to_hub`` uploads and a remotely loaded model re-saves open the same way.
 
@@ -16,12 +16,12 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi, RepoUrl
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
-import hf_checkpoint
-from checkpoint import save_checkpoint
+from modeling import shipping
+from training.checkpoint import save_checkpoint, load_model
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import EOT, GPT, GPTConfig
 from perturbation import perturb_parameters
-from tokenizer import gpt2_encoding
+from training.tokenizer import gpt2_encoding
 
 T = 256                       # long enough for the chunked attention path on CPU
 PROMPT = "The GRAPE"
@@ -178,7 +178,7 @@ def reference_logits(model: GPT, ids: list) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_auto_model_from_folder_gives_the_logits_of_gpt_load(saved, name):
     folder = saved["spec"]["folders"][name]
-    want = reference_logits(GPT.load(folder).eval(), saved["spec"]["ids"])
+    want = reference_logits(load_model(folder).eval(), saved["spec"]["ids"])
     torch.testing.assert_close(saved["report"]["logits"][name], want, rtol=0, atol=1e-5)
     config_module, config_class, model_module, model_class = saved["report"]["classes"][name]
     # the classes came from the folder's own code, through transformers' remote-code loader
@@ -188,7 +188,7 @@ def test_auto_model_from_folder_gives_the_logits_of_gpt_load(saved, name):
 
 def test_training_checkpoint_folder_opens_with_auto_classes(saved):
     folder = saved["spec"]["folders"]["training_out_dir"]
-    from_ckpt_pt = GPT.load(os.path.join(folder, "ckpt.pt")).eval()
+    from_ckpt_pt = load_model(os.path.join(folder, "ckpt.pt")).eval()
     torch.testing.assert_close(saved["report"]["logits"]["training_out_dir"],
                                reference_logits(from_ckpt_pt, saved["spec"]["ids"]), rtol=0, atol=1e-5)
     assert not any(name.startswith(".pretrained.") for name in os.listdir(folder))   # temp folder gone
@@ -234,7 +234,7 @@ def test_text_generation_pipeline_writes_the_greedy_continuation(saved):
 def test_shipped_code_needs_only_torch_and_transformers(tmp_path):
     """transformers' own import check (which a Hub download runs on every shipped file) must
     find nothing beyond torch, transformers and the standard library; triton stays optional."""
-    files = hf_checkpoint.write_code(str(tmp_path))
+    files = shipping.write_code(str(tmp_path))
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub"}
     for name in files:
         assert set(get_imports(str(tmp_path / name))) <= allowed, name
@@ -242,26 +242,39 @@ def test_shipped_code_needs_only_torch_and_transformers(tmp_path):
     copied = {os.path.basename(f) for f in get_relative_import_files(str(tmp_path / "model.py"))}
     assert copied == set(files) - {"model.py"}
     assert {"model.py", "grape.py", "attention.py", "generation.py"} <= set(files)
-    assert "hf_checkpoint.py" not in files and "tokenizer.py" not in files
+    assert "shipping.py" in files and "tokenizer.py" not in files and "checkpoint.py" not in files
 
 
-def test_code_files_makes_repository_imports_relative(tmp_path, monkeypatch):
+def test_code_files_flattens_the_package_and_makes_imports_relative(tmp_path, monkeypatch):
+    """The root's modules import the shipped package absolutely and each other by name; the
+    package's modules import each other relatively. In the folder every file sits flat, and
+    every import transformers must follow reads 'from .name import'."""
     (tmp_path / "top.py").write_text(
         "from __future__ import annotations\nimport os\nfrom torch import nn\nfrom helper import f  # why\n"
-        "def g():\n    from lazy import h\n    return h\n")
-    (tmp_path / "helper.py").write_text("from lazy import h\nf = 1\n")
-    (tmp_path / "lazy.py").write_text("h = 2\n")
+        "from modeling.attn import a\n"
+        "def g():\n    from modeling.lazy import h\n    return h\n")
+    (tmp_path / "helper.py").write_text("from modeling.lazy import h\nf = 1\n")
+    (tmp_path / "modeling").mkdir()
+    (tmp_path / "modeling" / "attn.py").write_text("from .lazy import h\na = 1\n")
+    (tmp_path / "modeling" / "lazy.py").write_text("h = 2\n")
     (tmp_path / "unused.py").write_text("x = 3\n")
-    monkeypatch.setattr(hf_checkpoint, "ROOT", str(tmp_path))
-    files = hf_checkpoint.code_files("top")
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "repo_only.py").write_text("y = 4\n")
+    monkeypatch.setattr(shipping, "ROOT", str(tmp_path))
+    files = shipping.code_files("top")
     assert files == {
         "top.py": "from __future__ import annotations\nimport os\nfrom torch import nn\nfrom .helper import f  # why\n"
+                  "from .attn import a\n"
                   "def g():\n    from .lazy import h\n    return h\n",
         "helper.py": "from .lazy import h\nf = 1\n",
+        "attn.py": "from .lazy import h\na = 1\n",
         "lazy.py": "h = 2\n",
     }
     (tmp_path / "top.py").write_text("import helper\n")
     with pytest.raises(ValueError, match="import helper"):
-        hf_checkpoint.code_files("top")
+        shipping.code_files("top")
+    (tmp_path / "top.py").write_text("from training.repo_only import y\n")
+    with pytest.raises(ValueError, match="not shipped code"):       # repository-only code never ships
+        shipping.code_files("top")
     with pytest.raises(ValueError, match="repository itself"):   # never overwrite the sources
-        hf_checkpoint.write_code(str(tmp_path))
+        shipping.write_code(str(tmp_path))

@@ -19,7 +19,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HARNESS)
 
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import EOT, gpt2_encoding  # noqa: E402
+from training.checkpoint import load_model
+from training.tokenizer import EOT, gpt2_encoding  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,7 +83,7 @@ def tiny_checkpoint(tmp_path_factory):
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, pos_encoding="alibi")
     model = GPT(config).eval()
     model.save_pretrained(str(folder))
-    return str(folder), GPT.load(str(folder)).eval()
+    return str(folder), load_model(str(folder)).eval()
 
 
 def reference_loglikelihood(model, context: str, continuation: str) -> float:

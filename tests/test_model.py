@@ -6,6 +6,7 @@ import torch
 
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig, LEGACY_MODEL_TYPES, settings_from_model_type
+from training.checkpoint import load_model
 from perturbation import perturb_parameters
 
 ALL = sorted(ENCODINGS)
@@ -49,7 +50,7 @@ def test_every_parameter_gradient_matches_central_differences_in_float64(name, s
 
     The model casts to float32 in places (accuracy under bf16 autocast); for this test
     ``.float()`` leaves float64 tensors as they are, so the whole forward runs in float64
-    and a difference with step 1e-6 is accurate to ~1e-10."""
+    and a five-point difference with step 1e-3 is accurate to ~1e-12."""
     to_float32 = torch.Tensor.float
     monkeypatch.setattr(torch.Tensor, "float",
                         lambda t, *a, **kw: t if t.dtype == torch.float64 else to_float32(t, *a, **kw))
@@ -65,19 +66,24 @@ def test_every_parameter_gradient_matches_central_differences_in_float64(name, s
     own = [n for n in params if ".pos." in n or "shift" in n]
     assert own or name in ("nope", "rope", "alibi"), "no position-encoding parameter found by name"
     groups = [[n for n in params if n not in own]] + [[n] for n in own]
-    eps = 1e-6
+    # five-point central difference along a unit direction, error O(h⁴): with h = 1e-3 truncation (~h⁴·f⁽⁵⁾/30) and
+    # float64 rounding (~|loss|·1e-15 / h) both stay near 1e-12, far below the tolerance
+    h = 1e-3
     for group in groups:
         direction = {n: torch.randn_like(params[n]) for n in group}
+        norm = math.sqrt(sum(d.square().sum().item() for d in direction.values()))
+        direction = {n: d / norm for n, d in direction.items()}          # a unit step of length h
         analytic = sum((params[n].grad * direction[n]).sum() for n in group).item()
-        losses = []
+        origin = {n: params[n].detach().clone() for n in group}
+        losses = {}
         with torch.no_grad():
-            for step in (eps, -2 * eps):
+            for k in (-2, -1, 1, 2):
                 for n in group:
-                    params[n].add_(step * direction[n])
-                losses.append(model(idx, idx.roll(-1, 1))[1].item())
+                    params[n].copy_(origin[n] + k * h * direction[n])
+                losses[k] = model(idx, idx.roll(-1, 1))[1].item()
             for n in group:
-                params[n].add_(eps * direction[n])
-        numeric = (losses[0] - losses[1]) / (2 * eps)
+                params[n].copy_(origin[n])
+        numeric = (losses[-2] - 8 * losses[-1] + 8 * losses[1] - losses[2]) / (12 * h)
         assert abs(numeric - analytic) <= 1e-6 * abs(analytic) + 1e-10, (group[:3], numeric, analytic)
 
 
@@ -125,7 +131,7 @@ def test_training_checkpoint_file_loads_and_rejects_foreign_state(tmp_path):
     model = tiny("fox").eval()
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
-    loaded = GPT.load(str(path), block_size=256).eval()
+    loaded = load_model(str(path), block_size=256).eval()
     assert loaded.config.block_size == 256
     idx = torch.randint(0, V, (1, 100))
     with torch.no_grad():
@@ -134,7 +140,7 @@ def test_training_checkpoint_file_loads_and_rejects_foreign_state(tmp_path):
     other = tiny("grape_ap")
     torch.save({"model": other.state_dict(), "model_config": model.config.to_dict()}, path)
     with pytest.raises(ValueError, match="does not match its config"):
-        GPT.load(str(path))
+        load_model(str(path))
 
 
 def test_init_follows_the_paper():

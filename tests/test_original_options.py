@@ -2,13 +2,13 @@
 its order of QK-norm and rotation, GRAPE-M(-ctx) learnable frequencies in its parameterisation,
 and the conversion of checkpoints this repository wrote with its earlier parameterisations."""
 import math
-import os
 
 import pytest
 import torch
 
 from grape import rope_frequencies
 from model import GPT, GPTConfig
+from training.checkpoint import load_model
 
 V = 64
 
@@ -135,7 +135,7 @@ def test_grape_m_checkpoint_of_the_earlier_parameterisation_loads_with_its_frequ
     # the same through a training checkpoint and through a save_pretrained folder
     torch.save({"model": old, "model_config": model.config.to_dict()}, tmp_path / "ckpt.pt")
     with pytest.warns(UserWarning, match="earlier parameterisation"):
-        torch.testing.assert_close(GPT.load(str(tmp_path / "ckpt.pt"))(idx)[0], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_model(str(tmp_path / "ckpt.pt"))(idx)[0], expected, atol=1e-5, rtol=1e-5)
     from safetensors.torch import save_file
     model.save_pretrained(tmp_path / "folder")
     save_file({k: v.contiguous() for k, v in old.items() if k != "lm_head.weight"},

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from original_goldens import GOLDEN_DIR, perturbed, sample  # noqa: E402
 
 from model import GPT  # noqa: E402
-from original_checkpoint import config_from_original, from_original, name_map, to_original  # noqa: E402
+from training.checkpoint import load_model
+from training.original_checkpoint import config_from_original, from_original, name_map, to_original  # noqa: E402
 
 CASES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(GOLDEN_DIR, "*.pt")))
 ADDITIVE = ("alibi", "fox", "grape-a", "grape-ap")
@@ -145,7 +146,7 @@ CHECKPOINTS = sorted(glob.glob(os.path.join(GOLDEN_DIR, "checkpoints", "*")))
 def test_original_checkpoint_folder_loads_with_its_logits(folder, tmp_path):
     expected = torch.load(os.path.join(folder, "expected_logits.pt"), weights_only=True)
     model_type = os.path.basename(folder)
-    model = GPT.load(folder, model_type=model_type)
+    model = load_model(folder, model_type=model_type)
     torch.testing.assert_close(model(expected["idx"])[0], expected["logits"], atol=LOGITS_ATOL, rtol=0)
     # written as a folder of this repository, it loads the standard way with the same logits
     model.save_pretrained(tmp_path / "converted")
@@ -154,12 +155,11 @@ def test_original_checkpoint_folder_loads_with_its_logits(folder, tmp_path):
 
 
 def test_conversion_command_writes_a_folder_with_the_originals_logits(tmp_path, monkeypatch, capsys):
-    """``python original_checkpoint.py FOLDER OUT --model_type T``, as README gives it."""
+    """``python -m scripts.convert_original FOLDER OUT --model_type T``, as README gives it."""
     folder = os.path.join(GOLDEN_DIR, "checkpoints", "llama-mha-rope")
     expected = torch.load(os.path.join(folder, "expected_logits.pt"), weights_only=True)
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "original_checkpoint.py")
-    monkeypatch.setattr(sys, "argv", [script, folder, str(tmp_path / "out"), "--model_type", "llama-mha-rope"])
-    runpy.run_path(script, run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["convert_original", folder, str(tmp_path / "out"), "--model_type", "llama-mha-rope"])
+    runpy.run_module("scripts.convert_original", run_name="__main__")
     assert "-> " + str(tmp_path / "out") in capsys.readouterr().out
     converted = GPT.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(converted(expected["idx"])[0], expected["logits"], atol=LOGITS_ATOL, rtol=0)
@@ -168,14 +168,14 @@ def test_conversion_command_writes_a_folder_with_the_originals_logits(tmp_path, 
 def test_rope_folder_without_model_type_is_refused_with_the_reason():
     folder = os.path.join(GOLDEN_DIR, "checkpoints", "llama-mha-rope")
     with pytest.raises(ValueError, match="model_type"):
-        GPT.load(folder)
+        load_model(folder)
     with pytest.raises(ValueError, match="parameters are those of"):
-        GPT.load(os.path.join(GOLDEN_DIR, "checkpoints", "llama-mha-grape-m-ctx-kvshift"), model_type="llama-mha-rope")
+        load_model(os.path.join(GOLDEN_DIR, "checkpoints", "llama-mha-grape-m-ctx-kvshift"), model_type="llama-mha-rope")
 
 
 def test_grape_m_ctx_folder_is_recognised_from_its_parameters():
     folder = os.path.join(GOLDEN_DIR, "checkpoints", "llama-mha-grape-m-ctx-kvshift")
-    config = GPT.load(folder).config
+    config = load_model(folder).config
     assert (config.pos_encoding, config.use_k_shift, config.qk_norm_after_rotation) == ("grape_m_ctx", True, True)
 
 

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-import checkpoint
-from run_dir import OutDirLock
+from training import checkpoint
+from training.run_dir import OutDirLock
 from test_training import ROOT, SCRIPT, data_dir, read_log, start, tiny, train_losses, wait_for  # noqa: F401
 from train_adam_finewebedu import cli, main
 
@@ -70,7 +70,7 @@ SAVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     import torch
-    import checkpoint, run_dir
+    from training import checkpoint, run_dir
     from model import GPT, GPTConfig
     out, stage = sys.argv[1], sys.argv[2]
     lock = run_dir.OutDirLock(out).acquire()
@@ -116,15 +116,16 @@ def test_temporaries_of_a_save_killed_by_sigkill_are_removed_by_the_next_run_not
             # a live process owns its temporaries: the next trainer is refused and touches nothing
             message = exit_message(tiny(data_dir, out, "--max_iters=3", "--init_from=resume"))
             assert f"is in use by another training run (pid {saver.pid} " in message
-            assert len(checkpoint.temporary_paths(out)) == 2
+            assert len(checkpoint.temporary_paths(out)) == 3
         saver.send_signal(signal.SIGKILL)
         saver.wait(timeout=30)
+    # a save stages the save_pretrained folder, then ckpt.pt: the first kill left both
     left = [os.path.basename(p) for p in checkpoint.temporary_paths(out)]
-    assert [name.split(".")[:2] for name in left] == [["", "pretrained"], ["ckpt", "pt"]]
+    assert [name.split(".")[:2] for name in left] == [["", "pretrained"], ["", "pretrained"], ["ckpt", "pt"]]
     assert snapshot(out) == good                                # the checkpoint itself is intact
     capsys.readouterr()
     main(tiny(data_dir, out, "--max_iters=3", "--eval_interval=3", "--init_from=resume"))
-    assert "removed 2 temporary file(s)" in capsys.readouterr().out
+    assert "removed 3 temporary file(s)" in capsys.readouterr().out
     assert checkpoint.temporary_paths(out) == []
     assert checkpoint.load_checkpoint(out)["iter_num"] == 3
 
@@ -149,3 +150,129 @@ def test_every_ddp_rank_exits_when_out_dir_is_locked(data_dir, tmp_path):
     assert "rank      : 0 (local_rank: 0)\n  exitcode  : 1" in output
     assert "rank      : 1" not in output or "Signal 15 (SIGTERM)" in output
     assert os.listdir(out) == [".lock"]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", "out_dir error: out_dir is empty; give the folder the run writes to"),
+    ("a file", "out_dir error: {out} is a file, not a folder"),
+    ("under a file", "out_dir error: cannot create out_dir {out}: {parent} is a file, not a folder"),
+    ("a name too long", "out_dir error: out_dir {out} is too long for this filesystem: its part xxxxxxxx"),
+    ("a path too long", "out_dir error: out_dir {out} is too long for this filesystem: "),
+])
+def test_an_out_dir_that_cannot_hold_a_run_is_one_line_before_anything_is_written(data_dir, tmp_path, kind,
+                                                                                 expected):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    out = {"empty": "", "a file": str(parent / "file"), "under a file": str(parent / "file" / "run"),
+           "a name too long": str(parent / ("x" * 300)),
+           "a path too long": str(parent / "/".join(["y" * 200] * 21))}[kind]
+    (parent / "file").write_text("not a folder\n")
+    message = exit_message(tiny(data_dir, out, "--max_iters=2"))
+    assert message.startswith(expected.format(out=out, parent=parent / "file")) and "\n" not in message
+    assert os.listdir(parent) == ["file"] and (parent / "file").read_text() == "not a folder\n"
+
+
+def test_a_folder_holding_other_files_is_refused_even_with_overwrite_and_left_as_it_was(data_dir, tmp_path):
+    # the repository's own top level, as `--out_dir=. --overwrite_out_dir=True` from its root would see it
+    folder = tmp_path / "checkout"
+    folder.mkdir()
+    for name in sorted(os.listdir(ROOT)):
+        source = os.path.join(ROOT, name)
+        if os.path.isfile(source) and not os.path.islink(source):
+            (folder / name).write_bytes(open(source, "rb").read())
+        elif os.path.isdir(source):
+            (folder / name).mkdir()
+    before = snapshot(str(folder))
+    assert {"model.py", "grape.py", "README.md"} <= set(before)
+    for extra in (["--overwrite_out_dir=True"], []):
+        message = exit_message(tiny(data_dir, str(folder), "--max_iters=2", *extra))
+        assert message.startswith(f"out_dir error: {folder} holds files that no training run writes (")
+        assert "LICENSE" in message and "choose an empty or new folder" in message
+    assert snapshot(str(folder)) == before and sorted(os.listdir(folder)) == sorted(os.listdir(ROOT))
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(data_dir, tmp_path):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious\n")
+    os.symlink(victim, out / ".lock")
+    message = exit_message(tiny(data_dir, str(out), "--max_iters=2"))
+    assert message == (f"out_dir error: {out}/.lock is a symbolic link (to {victim}); a run never makes one and "
+                       "will not write through it: remove it")
+    assert victim.read_text() == "precious\n" and os.listdir(out) == [".lock"]
+
+
+def test_a_run_log_that_is_a_symbolic_link_is_never_written_through(data_dir, tmp_path):
+    out, victim = str(tmp_path / "run"), tmp_path / "victim.txt"
+    main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2"))
+    victim.write_text("precious\n")
+    os.replace(os.path.join(out, "log.jsonl"), tmp_path / "old_log.jsonl")
+    os.symlink(victim, os.path.join(out, "log.jsonl"))
+    message = exit_message(tiny(data_dir, out, "--max_iters=3", "--init_from=resume"))
+    assert message.startswith(f"out_dir error: cannot write {out}/log.jsonl (a symbolic link to {victim}; a run "
+                              "never makes one)")
+    # starting over replaces the link itself, never what it points to
+    main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--overwrite_out_dir=True"))
+    assert victim.read_text() == "precious\n" and not os.path.islink(os.path.join(out, "log.jsonl"))
+
+
+def test_overwrite_is_all_or_nothing_when_killed_between(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=4", "--eval_interval=2"))
+    # start over in it and kill the new run before its first checkpoint
+    new = start(tiny(data_dir, out, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=1000",
+                     "--overwrite_out_dir=True", "--learning_rate=6e-3"), tmp_path, "new")
+
+    def new_run_is_training():           # its log: the first step's learning rate is the new run's
+        lrs = [r["lr"] for r in read_log(out) if "lr" in r] if os.path.exists(os.path.join(out, "log.jsonl")) else []
+        return len(lrs) >= 2 and lrs[0] == pytest.approx(2e-3)
+    try:
+        wait_for(new_run_is_training, new)
+    finally:
+        new.send_signal(signal.SIGKILL)
+        new.wait(timeout=30)
+    # nothing of the old run is left beside the new run's log: no checkpoint to mix them up
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
+    assert read_log(out)[0] == {"iter": 0, "tokens": 0, "val_loss": read_log(out)[0]["val_loss"]}
+    message = exit_message(tiny(data_dir, out, "--max_iters=3", "--init_from=resume"))
+    assert message == (f"checkpoint error: no checkpoint to resume in {out}: the run there stopped before its first "
+                       "checkpoint; start it over with --overwrite_out_dir=True (and --init_from=scratch)")
+    message = exit_message(tiny(data_dir, out, "--max_iters=3"))
+    assert message.startswith(f"out_dir error: {out} holds a run that stopped before its first checkpoint "
+                              "(log.jsonl); start over in it with --overwrite_out_dir=True")
+    assert "--init_from=resume" not in message
+    assert main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--overwrite_out_dir=True"))["iter_num"] == 2
+
+
+@pytest.mark.parametrize("kind", ["no out_dir", "a folder", "a dangling link"])
+def test_a_missing_checkpoint_to_resume_is_one_line_saying_what_to_do(data_dir, tmp_path, kind):
+    out = tmp_path / "run"
+    if kind != "no out_dir":
+        out.mkdir()
+    if kind == "a folder":
+        (out / "ckpt.pt").mkdir()
+    if kind == "a dangling link":
+        os.symlink(tmp_path / "gone.pt", out / "ckpt.pt")
+    message = exit_message(tiny(data_dir, str(out), "--max_iters=3", "--init_from=resume"))
+    expected = {"no out_dir": f"cannot resume: {out} does not exist; start the run with --init_from=scratch",
+                "a folder": f"{out}/ckpt.pt is a folder, not a checkpoint file",
+                "a dangling link": f"{out}/ckpt.pt is a symbolic link to {tmp_path}/gone.pt, which does not exist"}
+    assert message.startswith("checkpoint error: " + expected[kind]) and "\n" not in message
+    assert os.listdir(out) == ["ckpt.pt"] if kind != "no out_dir" else not out.exists()     # nothing written
+
+
+def test_a_checkpoint_is_never_saved_into_the_repository_itself(tmp_path, monkeypatch):
+    from modeling import shipping
+    from model import GPT, GPTConfig
+    copy = tmp_path / "repository"                 # stands for the root: a failure cannot touch the real one
+    (copy / "modeling").mkdir(parents=True)
+    (copy / "model.py").write_text("# the repository's own model.py\n")
+    monkeypatch.setattr(shipping, "ROOT", str(copy))
+    monkeypatch.setattr(shipping, "PACKAGE_DIR", str(copy / "modeling"))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=256, block_size=32))
+    state = {"model": model.state_dict(), "model_config": model.config.to_dict(), "optimizer": {}, "iter_num": 1}
+    for folder in (copy, copy / "modeling"):
+        with pytest.raises(checkpoint.CheckpointError, match="refusing to save a checkpoint into the repository"):
+            checkpoint.save_checkpoint(str(folder), state, model)
+    assert sorted(os.listdir(copy)) == ["model.py", "modeling"] and os.listdir(copy / "modeling") == []
+    assert (copy / "model.py").read_text() == "# the repository's own model.py\n"

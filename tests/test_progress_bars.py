@@ -11,11 +11,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lm-evaluation-harness"))
 
-import eval_length  # noqa: E402
+from training import length_eval  # noqa: E402
 import train_adam_finewebedu  # noqa: E402
 from data import prepare_common  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from shards import write_shard  # noqa: E402
+from training.checkpoint import load_model
+from training.shards import write_shard  # noqa: E402
 
 
 class Terminal(io.StringIO):
@@ -30,14 +31,14 @@ def tiny_model() -> GPT:
 
 def eval_length_positions(tmp_path):
     windows = [np.arange(33) % 256 for _ in range(4)]
-    eval_length.position_losses(tiny_model(), windows, 16, 1, "cpu", desc="positions")
+    length_eval.position_losses(tiny_model(), windows, 16, 1, "cpu", desc="positions")
 
 
 def load_pretrained_folder(tmp_path):
     folder = tmp_path / "pretrained"
     if not folder.exists():
         tiny_model().save_pretrained(str(folder))
-    GPT.load(str(folder))
+    load_model(str(folder))
 
 
 def lm_eval_adapter(tmp_path):

@@ -15,9 +15,8 @@ an op keeps, and stays tight enough that leaving out the component that dominate
 import os
 
 import pytest
-import torch
 
-import sizing
+from training import sizing
 from model import GPT, GPTConfig
 from train_adam_finewebedu import main
 
@@ -75,7 +74,7 @@ def test_factor_rejects_an_estimate_missing_its_dominant_part(name):
         wrong = sizing.estimate(GPTConfig(**{**BASE, **CASES[name][0], "attn_backend": "chunked"}),
                                 CASES[name][1], device_type="cpu", autocast=None, compiled=False).peak
     elif how == "no_logits":
-        wrong = est.peak - est.memory["logits and loss (3 float32 tokens x vocab)"]
+        wrong = est.peak - est.memory["logits and loss (3 float32 tokens x vocab arrays: log-softmax, 2 gradients)"]
     else:
         wrong = est.peak - est.memory["AdamW state (2 x float32)"]
     ratio = measured(name) / wrong
@@ -136,7 +135,7 @@ def test_largest_micro_batch_advice_is_the_largest_that_fits():
 
 
 def test_unknown_gpu_name_is_a_config_error():
-    from configurator import ConfigError
+    from training.configurator import ConfigError
     with pytest.raises(ConfigError, match="unknown GPU 'h1000'.*a100-40g"):
         main(["--dry_run=True", "--gpu=h1000"])
     with pytest.raises(ConfigError, match="at least 1"):
@@ -146,7 +145,7 @@ def test_unknown_gpu_name_is_a_config_error():
 def test_every_encoding_and_backend_is_sized():
     """The encoding's own saved tensors are traced on the meta device: every ENCODINGS entry
     (and a composition) must go through, on each backend attention.BACKENDS names."""
-    import attention
+    from modeling import attention
     from grape import ENCODINGS, GRID_ENCODINGS
     for name in [*ENCODINGS, "rope+grape_ap"]:
         for backend in ["auto", *attention.BACKENDS]:
@@ -162,7 +161,7 @@ def test_paper_configs_on_an_h100(capsys):
     README states: every addend shown, the peak their sum."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for size in ("medium", "large"):
-        result = main([os.path.join(root, f"config/train_llama_mha_rope_{size}_adam_80g8.py"),
+        result = main([os.path.join(root, f"config/paper/train_llama_mha_rope_{size}_adam_80g8.py"),
                        "--dry_run=True", "--gpu=8xh100"])
         est = result["dry_run"]
         assert est.peak == sum(est.memory.values())

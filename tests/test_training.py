@@ -7,6 +7,7 @@ process must be killed or launched by torchrun.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from training import checkpoint
 from model import GPT
-from shards import write_shard
-from train_adam_finewebedu import get_lr, main
+from training.checkpoint import load_model
+from training.shards import write_shard
+from train_adam_finewebedu import main
+from training.settings import get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_adam_finewebedu.py")
@@ -63,7 +66,7 @@ def params_of(out_dir):
 
 
 def test_lr_schedule_is_warmup_then_cosine_to_min_lr():
-    from configurator import Config
+    from training.configurator import Config
     cfg = Config(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=14, decay_lr=True)
     assert [get_lr(i, cfg) for i in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert get_lr(4, cfg) == pytest.approx(1.0)
@@ -74,8 +77,8 @@ def test_lr_schedule_is_warmup_then_cosine_to_min_lr():
 
 
 def test_lr_decay_iters_defaults_to_max_iters_unless_set(data_dir, tmp_path):
-    from configurator import ConfigError, configure
-    from train_adam_finewebedu import defaults, derive_defaults, validate
+    from training.configurator import ConfigError, configure
+    from training.settings import defaults, derive_defaults, validate
 
     def resolved(*argv):
         cfg, explicit = configure(argv, *defaults(), verbose=False)
@@ -140,7 +143,7 @@ def test_checkpoint_loads_for_evaluation_with_the_trained_weights(data_dir, tmp_
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = trained(idx)[0]
-        for loaded in (GPT.from_pretrained(out), GPT.load(out), GPT.load(os.path.join(out, "ckpt.pt"))):
+        for loaded in (GPT.from_pretrained(out), load_model(out), load_model(os.path.join(out, "ckpt.pt"))):
             assert loaded.config.use_k_shift and loaded.config.pos_encoding == "grape_ap"
             torch.testing.assert_close(loaded.eval()(idx)[0], expected, rtol=0, atol=0)
     # ...and the loaded weights are the trained ones, not a fresh init
@@ -168,14 +171,14 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 
 
 def test_config_error_stops_before_training(data_dir, tmp_path):
-    from configurator import ConfigError
+    from training.configurator import ConfigError
     with pytest.raises(ConfigError, match="'data_rng_mode'"):
         main(tiny(data_dir, str(tmp_path), "--data_rng_mode=random"))
     assert not os.path.exists(tmp_path / "log.jsonl")
 
 
 def test_resume_with_another_model_config_fails_and_keeps_the_checkpoint(data_dir, tmp_path):
-    from configurator import ConfigError
+    from training.configurator import ConfigError
     out = str(tmp_path / "run")
     main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_ap"))
     files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
@@ -270,7 +273,7 @@ def test_wandb_offline_mode_logs_without_network(data_dir, tmp_path, monkeypatch
 
 def test_resume_keeps_the_weight_decay_groups_its_optimizer_state_was_saved_with(data_dir, tmp_path):
     """AdamW's state is stored per group and position: a resume must rebuild the same groups."""
-    from configurator import ConfigError
+    from training.configurator import ConfigError
     out = str(tmp_path / "run")
     main(tiny(data_dir, out, "--max_iters=2", "--eval_interval=2", "--pos_encoding=grape_a_qk"))
     assert checkpoint.load_checkpoint(out)["config"]["weight_decay_on"] == "all_but_norms"
@@ -286,3 +289,16 @@ def test_resume_keeps_the_weight_decay_groups_its_optimizer_state_was_saved_with
     checkpoint.atomic_torch_save(ckpt, os.path.join(old, checkpoint.CKPT_NAME))
     assert main(tiny(data_dir, old, "--max_iters=3", "--pos_encoding=grape_a_qk",
                      "--init_from=resume"))["iter_num"] == 3
+
+
+def test_run_ends_with_a_summary_of_what_it_did(data_dir, tmp_path, capsys):
+    """The last line a run prints: iterations, tokens, time, the validation loss from its first
+    to its last evaluation (as log.jsonl has them) and where the checkpoint is."""
+    out = str(tmp_path / "run")
+    main(tiny(data_dir, out, "--max_iters=4", "--eval_interval=2"))
+    val = [(r["iter"], r["val_loss"]) for r in read_log(out) if "val_loss" in r]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    expected = (rf"done: 4 iterations \(1,024 tokens\) in \d+ s; validation loss {val[0][1]:.3f} at iter 0 -> "
+                rf"{val[-1][1]:.3f} at iter 4 \(best {min(v for _, v in val):.3f}\); checkpoint and Hugging Face "
+                rf"folder in {re.escape(out)}")
+    assert re.fullmatch(expected, last), last

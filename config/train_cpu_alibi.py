@@ -1,6 +1,0 @@
-# Small alibi model on CPU (pos_encoding = 'alibi'); shared settings in train_cpu_base.py.
-#   python train_adam_finewebedu.py config/train_cpu_alibi.py
-import os
-exec(open(os.path.join(os.path.dirname(__file__), 'train_cpu_base.py')).read())
-pos_encoding = 'alibi'
-out_dir = 'out-cpu-alibi'

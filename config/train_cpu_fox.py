@@ -1,6 +1,0 @@
-# Small fox model on CPU (pos_encoding = 'fox'); shared settings in train_cpu_base.py.
-#   python train_adam_finewebedu.py config/train_cpu_fox.py
-import os
-exec(open(os.path.join(os.path.dirname(__file__), 'train_cpu_base.py')).read())
-pos_encoding = 'fox'
-out_dir = 'out-cpu-fox'

@@ -1,6 +1,0 @@
-# Small grape_a_qk model on CPU (pos_encoding = 'grape_a_qk'); shared settings in train_cpu_base.py.
-#   python train_adam_finewebedu.py config/train_cpu_grape_a_qk.py
-import os
-exec(open(os.path.join(os.path.dirname(__file__), 'train_cpu_base.py')).read())
-pos_encoding = 'grape_a_qk'
-out_dir = 'out-cpu-grape-a-qk'

@@ -1,6 +1,0 @@
-# Small grape_m_ctx model on CPU (pos_encoding = 'grape_m_ctx'); shared settings in train_cpu_base.py.
-#   python train_adam_finewebedu.py config/train_cpu_grape_m_ctx.py
-import os
-exec(open(os.path.join(os.path.dirname(__file__), 'train_cpu_base.py')).read())
-pos_encoding = 'grape_m_ctx'
-out_dir = 'out-cpu-grape-m-ctx'

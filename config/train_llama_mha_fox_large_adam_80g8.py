@@ -1,6 +1,0 @@
-# FoX (Forgetting Transformer, no FoX-Pro), large (770M): the paper's Table 2 run.
-# torchrun --standalone --nproc_per_node=8 train_adam_finewebedu.py config/train_llama_mha_fox_large_adam_80g8.py
-import os
-exec(open(os.path.join(os.path.dirname(__file__), 'train_paper_large.py')).read())
-model_type = 'llama-mha-fox'
-out_dir = 'out/llama_mha_fox_large'

@@ -1,0 +1,189 @@
+"""Streaming decoding: the nanoGPT sampling loop and the glue for ``transformers``' ``generate()``.
+
+Every layer keeps a ``cache.LayerCache`` with exactly what its encoding needs to continue
+(rotated keys k̃_j = G(j) k_j and values; key gates for GRAPE-A; running log-forget sums for
+FoX; rotated probes R_ℓ p̂_ℓ for GRAPE-AP; the running phase for GRAPE-M-ctx; the previous
+k/v projection for KV-shift). A prompt is prefilled in one pass (or in chunks), then one token
+at a time costs O(t) per layer. The logits equal those of the full forward pass.
+
+The cache cannot slide: GRAPE-M-ctx's phase, FoX's and GRAPE-AP's sums and KV-shift's previous
+projection depend on every earlier token, and rotated keys carry absolute positions. Dropping
+the oldest tokens would silently change the model, so going past ``block_size`` is an error
+(load the model with a larger ``block_size`` to decode further, as for evaluation).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import GenerationMixin
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import LayerCache
+
+
+class StreamingCache:
+    """The list of per-layer ``LayerCache`` in the shape ``generate()`` expects of a cache:
+    it knows its length and can reorder its batch rows (beam search)."""
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(beam_idx)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "this model's cache cannot be cropped: KV-shift and GRAPE-M-ctx keep only their latest "
+            "state, so rolling back tokens (assisted/speculative decoding) is not supported")
+
+    def activate_past_recording(self) -> None:
+        self.crop(0)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+# ----------------------------------------------------------------------------------------
+# nanoGPT-style sampling
+# ----------------------------------------------------------------------------------------
+
+# A decoding step is a few hundred small ops. Each op split across threads pays a fork and a
+# join, which costs more than it saves until a step's matrices are large, and on a busy machine
+# a thread waiting for a core stalls every op: results/BENCHMARKS.md "Decoding: threads" measured
+# 1 thread 6-40x faster than 2 at every size up to ~2 GFLOP per step on a loaded 2-core machine.
+PARALLEL_STEP_FLOPS = 2e9
+
+
+def decoding_threads(model, batch: int) -> int:
+    """CPU threads for decoding ``batch`` sequences with ``model``: 1 while a step's work,
+    about 2 x parameters x batch FLOPs, stays under PARALLEL_STEP_FLOPS; above, torch's
+    current count less the cores that other processes keep busy (1-minute load average)."""
+    step_flops = 2 * sum(p.numel() for p in model.parameters()) * batch
+    current = torch.get_num_threads()
+    if step_flops < PARALLEL_STEP_FLOPS or current == 1:
+        return 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):          # no load average (Windows): trust torch's count
+        return current
+    return max(1, min(current, int((os.cpu_count() or 1) - busy + 0.5)))
+
+
+@contextmanager
+def cpu_threads(n: Optional[int]):
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged), and the
+    caller's count restored after it."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def threads_for(model, idx: Tensor, threads: Optional[int]) -> Optional[int]:
+    """The thread count ``generate`` decodes with: ``threads`` if given (> 0), else
+    ``decoding_threads`` on CPU, else None (GPU decoding: leave torch's setting alone)."""
+    if threads is not None and threads > 0:
+        return threads
+    if idx.device.type != "cpu":
+        return None
+    return decoding_threads(model, idx.shape[0])
+
+
+def check_room(model, prompt_len: int, max_new_tokens: int) -> None:
+    """Decoding n tokens after a prompt of p feeds p + n - 1 tokens through the model."""
+    block_size = model.config.block_size
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt_len < 1:
+        raise ValueError("the prompt must hold at least one token")
+    if prompt_len + max_new_tokens - 1 > block_size:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs a context of "
+            f"{prompt_len + max_new_tokens - 1} > block_size={block_size}; the cache cannot slide "
+            "(cumulative and absolute state), so shorten the prompt or load the model with a larger "
+            "block_size")
+
+
+def next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+    """(B, vocab) logits -> (B, 1) tokens. ``temperature == 0`` means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def sample(model, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Prefill ``idx`` (B, T) in one pass, then decode one token at a time from the cache.
+    Returns (B, T + max_new_tokens). Prompts in a batch have equal length (no padding)."""
+    check_room(model, idx.size(1), max_new_tokens)
+    caches = model.new_caches()
+    out = [idx]
+    logits, _ = model(idx, caches=caches, logits_to_keep=1)
+    for step in range(max_new_tokens):
+        token = next_token(logits[:, -1], temperature, top_k, generator)
+        out.append(token)
+        if step + 1 < max_new_tokens:          # the last token is never fed back
+            logits, _ = model(token, caches=caches, logits_to_keep=1)
+    return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# transformers glue: forward the way generate() calls it, and the cache it should use
+# ----------------------------------------------------------------------------------------
+
+def hf_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+               past_key_values: Optional[StreamingCache] = None, use_cache: Optional[bool] = None,
+               return_dict: Optional[bool] = None, logits_to_keep: int = 0, **unused):
+    """``model(input_ids=..., past_key_values=..., use_cache=...)`` -> ``CausalLMOutputWithPast``."""
+    asked = [k for k, v in unused.items() if v is not None and v is not False]
+    if asked:
+        raise ValueError(f"unsupported arguments for this model: {asked}")
+    if input_ids is None:
+        raise ValueError("pass input_ids (inputs_embeds is not supported)")
+    if attention_mask is not None and not bool((attention_mask == 1).all()):
+        raise ValueError("padding (an attention_mask with zeros) is not supported: positions and the "
+                         "cumulative encodings would count the pad tokens; batch prompts of equal length")
+    if past_key_values is not None and not isinstance(past_key_values, StreamingCache):
+        raise TypeError(f"past_key_values must be a generation.StreamingCache, got "
+                        f"{type(past_key_values).__name__} (this model's cache holds more than keys and values)")
+    if past_key_values is None and use_cache:     # generate() asks; a plain forward call keeps none
+        past_key_values = StreamingCache(model.new_caches())
+    caches = past_key_values.layers if past_key_values is not None else None
+    logits, _ = model(input_ids, caches=caches, logits_to_keep=logits_to_keep)
+    out = CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+    return out if return_dict is not False else out.to_tuple()
+
+
+class StreamingGenerationMixin(GenerationMixin):
+    """``GenerationMixin`` told to let the model make its own cache (``StreamingCache``)
+    instead of a ``DynamicCache``, and which decoding modes that cache supports."""
+    _supported_generation_modes = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE,
+                                   GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
