@@ -26,7 +26,7 @@ import torch
 from grape import ENCODINGS, GRID_ENCODINGS
 from model import GPT, GPTConfig
 from modeling.generation import cpu_threads, decoding_threads, next_token
-from scripts.bench_common import BENCHMARKS, machine_description, write_section
+from scripts.bench_common import BENCHMARKS, load_average, machine_description, write_section
 
 SECTION = "## Decoding"
 FAMILY_SECTION = "## Decoding: the rest of the GRAPE family"
@@ -92,13 +92,6 @@ def decode_recompute(model, prompt, n, device):
     return seq[:, prompt.shape[1]:], time.perf_counter() - t0
 
 
-def load_text() -> str:
-    try:
-        return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
-    except (AttributeError, OSError):
-        return "load average unknown"
-
-
 @torch.no_grad()
 def cached_rate(model, prompt, n, threads) -> float:
     """Tokens per second of n cached decoding steps after prefilling ``prompt``."""
@@ -120,7 +113,7 @@ def sweep_threads(args, argv):
     header = ("| layers x n_embd | batch | GFLOP per step | " + " | ".join(f"{c} thread(s) tok/s" for c in counts)
               + " | generate() picks |\n|" + " --- |" * (4 + len(counts)))
     print(header)
-    rows, start_load = [], load_text()
+    rows, start_load = [], load_average()
     for layers, width, heads, batch in SWEEP_SIZES:
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=layers, n_embd=width, n_head=heads, block_size=args.context,
@@ -139,7 +132,7 @@ def sweep_threads(args, argv):
             f"{args.context - args.new_tokens}-token prompt, rope models with the GPT-2 vocabulary, tokens/s "
             "(batch x steps / s), best of 3 with the thread counts interleaved in one process. "
             f"*generate() picks*: generation.decoding_threads on this machine at the end of the run.\n\n"
-            f"Machine: {machine_description('cpu')}; {start_load} at the start, {load_text()} at the end.  \n"
+            f"Machine: {machine_description('cpu')}; {start_load} at the start, {load_average()} at the end.  \n"
             f"Command: `{command.strip()}`\n\n" + header + "\n" + "\n".join(rows) + "\n")
     if args.write:
         write_section(BENCHMARKS, text)
