@@ -128,6 +128,20 @@ def test_every_additive_encoding_matches_dense_on_every_cpu_backend_at_long_leng
     compare_with_dense(make_encoding(name), backend)
 
 
+def test_grape_ap_tensor_op_path_matches_dense_at_long_length(monkeypatch):
+    """GRAPE-AP's tensor-op path (where the CPU kernel does not run: under torch.compile, in a
+    checkpoint folder, without a compiler), in several query blocks, against dense: the
+    output and the gradients of x, q, k, v and every parameter of the encoding."""
+    from modeling import grape_ap_cpu
+    monkeypatch.setenv(grape_ap_cpu.SWITCH, "0")
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 64 * H * LONG)         # queries in blocks of 64
+    calls = []
+    real = chunked._PathIntegralAttention.apply
+    monkeypatch.setattr(chunked._PathIntegralAttention, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    compare_with_dense(make_encoding("grape_ap"), "chunked")
+    assert calls == [64]
+
+
 def float64_reference(q, k, v, bias, rows=512):
     """softmax(q·k/√d + b) v in float64, a few query rows at a time."""
     full, T = bias.dense().double(), q.shape[2]
