@@ -198,7 +198,7 @@ def breakdown_rows(T: int, args) -> list[str]:
 
 
 def breakdown_report(args) -> str:
-    lines = [BREAKDOWN_SECTION, "",
+    lines = [f"## {args.section}" if args.section else BREAKDOWN_SECTION, "",
              f"Machine: {machine_description(args.device)}; {load_average()} at the start.",
              "Command: `python -m scripts.bench_attention " + " ".join(sys.argv[1:]) + "`.",
              f"One attention call, forward then backward, batch 1, {args.n_head} heads of "
@@ -244,6 +244,7 @@ def report(results, args, Ts, encodings, elapsed) -> str:
     head = SECTION if args.device == "cpu" else f"## Attention ({args.device.upper()})"
     if args.family:
         head = FAMILY_SECTION.replace("CPU", args.device.upper()) if args.device != "cpu" else FAMILY_SECTION
+    head = f"## {args.section}" if args.section else head
     cmd = "python -m scripts.bench_attention " + " ".join(sys.argv[1:])
     lines = [head, "",
              f"Machine: {machine_description(args.device)}.",
@@ -287,6 +288,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="T 256 512, rope/alibi/grape_ap, 1 repeat")
     ap.add_argument("--out", help="write the results as a section of this markdown file (e.g. results/BENCHMARKS.md)")
     ap.add_argument("--note", default="", help="a line added to the written section")
+    ap.add_argument("--section", default=None, help="the '## ' heading of the written section (default: by mode)")
     ap.add_argument("--precision", action="store_true",
                     help="print the float32 error of each additive encoding against a float64 reference instead")
     args = ap.parse_args()
