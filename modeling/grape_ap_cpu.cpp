@@ -242,9 +242,15 @@ void block_logits(Scratch& w, const at::Tensor& k, const at::Tensor& r, float m,
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& p,
                   const at::Tensor& r, const at::Tensor& slope) {
   for (const at::Tensor* t : {&q, &k, &v, &p, &r, &slope})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "grape_ap_cpu: inputs must be contiguous float32 CPU tensors");
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
+                "grape_ap_cpu: inputs must be float32 CPU tensors");
+  // q, k, v are read through BLAS and copies, any layout with unit stride along the head dim
+  // (the model's are transposed views); the probes and slopes through raw pointers
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "grape_ap_cpu: q, k, v must have unit stride along the head dim");
+  for (const at::Tensor* t : {&p, &r, &slope})
+    TORCH_CHECK(t->is_contiguous(), "grape_ap_cpu: probes and slopes must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
                   q.size(3) == k.size(3) && q.size(2) <= k.size(2),
               "grape_ap_cpu: q (B, H, Tq, D) must end with k, v (B, H, Tk, D)");
   TORCH_CHECK(p.dim() == 4 && r.dim() == 4 && p.sizes().slice(0, 3) == q.sizes().slice(0, 3) &&
@@ -253,13 +259,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "grape_ap_cpu: probes p (B, H, Tq, dp), r (B, H, Tk, dp) and one slope per head");
 }
 
-// q: (B, H, Tq, D) already scaled by 1/sqrt(D); p: (B, H, Tq, dp) already divided by dp.
+// softmax(scale q·k + b) v and each query's logsumexp; p: (B, H, Tq, dp) already divided by dp.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& p, const at::Tensor& r, const at::Tensor& slope) {
+                                           const at::Tensor& p, const at::Tensor& r, const at::Tensor& slope,
+                                           double scale) {
   check_inputs(q, k, v, p, r, slope);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), dp = p.size(3);
   const int64_t n_blocks = (Tq + kRows - 1) / kRows;
-  at::Tensor out = at::empty_like(q), lse = at::empty({B, H, Tq}, q.options());
+  at::Tensor out = at::empty({B, H, Tq, D}, q.options()), lse = at::empty({B, H, Tq}, q.options());
   const float* m = slope.data_ptr<float>();
   at::parallel_for(0, B * H * n_blocks, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals flush;
@@ -271,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
       const Block blk = block_at((task % n_blocks) * kRows, Tq, Tk);
       at::Tensor qh = q[b][h], kh = k[b][h], vh = v[b][h], ph = p[b][h], rh = r[b][h];
       load_rows(w.q, qh, blk);
+      w.q.mul_(scale);
       load_rows(w.p, ph, blk);
       block_logits(w, kh, rh, m[h], blk, mx, false);
       for (int64_t i = 0; i < kRows; ++i) mx[i] = std::isinf(mx[i]) ? 0.f : mx[i];   // padding lanes
@@ -319,12 +327,14 @@ void path_gradient(float* dP, const float* P, const float* delta, float* sig_neg
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& p, const at::Tensor& r, const at::Tensor& slope, const at::Tensor& out,
-    const at::Tensor& lse, bool want_slope) {
+    const at::Tensor& lse, double scale, bool want_slope) {
   check_inputs(q, k, v, p, r, slope);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.stride(3) == 1 && out.is_contiguous(),
+              "grape_ap_cpu: grad_out like the output");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), dp = p.size(3);
-  at::Tensor dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  at::Tensor dpr = at::empty_like(p), dr = at::zeros_like(r), dslope = at::zeros({B, H}, q.options());
-  at::Tensor delta = (grad_out * out).sum(-1);                       // Σ_j P dP per query
+  const auto f = q.options();
+  at::Tensor dq = at::empty({B, H, Tq, D}, f), dk = at::zeros({B, H, Tk, D}, f), dv = at::zeros({B, H, Tk, D}, f);
+  at::Tensor dpr = at::empty_like(p), dr = at::zeros_like(r), dslope = at::zeros({B, H}, f);
   const float* m = slope.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals flush;
@@ -335,17 +345,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t b = bh / H, h = bh % H;
       at::Tensor qh = q[b][h], kh = k[b][h], vh = v[b][h], ph = p[b][h], rh = r[b][h];
       const float* lse_h = lse[b][h].data_ptr<float>();
-      const float* delta_h = delta[b][h].data_ptr<float>();
+      const float* out_h = out[b][h].data_ptr<float>();
       float slope_grad = 0.f;
       for (int64_t s0 = 0; s0 < Tq; s0 += kRows) {
         const Block blk = block_at(s0, Tq, Tk);
         const int64_t kend = blk.kend;
         load_rows(w.q, qh, blk);
+        w.q.mul_(scale);
         load_rows(w.p, ph, blk);
         load_rows(w.dout, grad_out[b][h], blk);
-        for (int64_t i = 0; i < kRows; ++i) {
-          shift[i] = i < blk.nq ? lse_h[s0 + i] : 0.f;
-          lanes[i] = i < blk.nq ? delta_h[s0 + i] : 0.f;
+        const float* dout = w.dout.data_ptr<float>();
+        for (int64_t i = 0; i < kRows; ++i) {          // δ = rowsum(dO ∘ O) = Σ_j P dP per query
+          shift[i] = lanes[i] = 0.f;
+          if (i >= blk.nq) continue;
+          shift[i] = lse_h[s0 + i];
+          for (int64_t d = 0; d < D; ++d) lanes[i] += dout[i * D + d] * out_h[(s0 + i) * D + d];
         }
         block_logits(w, kh, rh, m[h], blk, shift, true);              // w.S: probabilities
         at::Tensor P = w.S.narrow(0, 0, kend), dS = w.dS.narrow(0, 0, kend);
@@ -355,6 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       want_slope ? w.log_sig.data_ptr<float>() : nullptr, m[h], kend, part);
         for (int64_t i = 0; i < blk.nq; ++i) slope_grad += part[i];
         at::mm_out(w.dq, dS.t(), kh.narrow(0, 0, kend));
+        w.dq.mul_(scale);
         dk[b][h].narrow(0, 0, kend).addmm_(dS, w.q);
         at::Tensor dz = w.sig_neg.narrow(0, 0, kend);
         at::mm_out(w.dp, dz.t(), rh.narrow(0, 0, kend));
@@ -371,7 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(grape_ap_cpu, lib) {
-  lib.def("forward(Tensor q, Tensor k, Tensor v, Tensor p, Tensor r, Tensor slope) -> (Tensor, Tensor)", &forward);
+  lib.def("forward(Tensor q, Tensor k, Tensor v, Tensor p, Tensor r, Tensor slope, float scale) -> (Tensor, Tensor)",
+          &forward);
   lib.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor p, Tensor r, Tensor slope, "
-          "Tensor out, Tensor lse, bool want_slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
+          "Tensor out, Tensor lse, float scale, bool want_slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
 }

@@ -78,9 +78,11 @@ def serves(q: Tensor, p: Tensor) -> bool:
 
 
 def _operands(q, k, v, p, r, slope):
-    """Contiguous float32 q/√d, k, v, p/d_p, r, slope: what the kernel reads."""
+    """What the kernel reads: contiguous float32 q, k, v, p/d_p, r, slopes. The kernel reads any
+    layout with unit stride along the head dim, but its GEMMs on the model's transposed views ran
+    15% slower than on these copies, which cost a few ms and are freed after the call."""
     f = lambda t: t.float().contiguous()
-    return (f(q / math.sqrt(q.shape[-1])), f(k), f(v), f(p / p.shape[-1]), f(r), f(slope))
+    return (f(q), f(k), f(v), f(p / p.shape[-1]), f(r), f(slope))
 
 
 class GrapeApCpu(torch.autograd.Function):
@@ -89,17 +91,16 @@ class GrapeApCpu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, p, r, slope):
-        out, lse = ops().forward(*_operands(q, k, v, p, r, slope))
+        out, lse = ops().forward(*_operands(q, k, v, p, r, slope), 1.0 / math.sqrt(q.shape[-1]))
         ctx.save_for_backward(q, k, v, p, r, slope, out, lse)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, p, r, slope, out, lse = ctx.saved_tensors
-        operands = _operands(q, k, v, p, r, slope)
-        dq, dk, dv, dp, dr, dslope = ops().backward(grad_out.float().contiguous(), *operands, out, lse,
-                                                    ctx.needs_input_grad[5])
-        grads = (dq / math.sqrt(q.shape[-1]), dk, dv, dp / p.shape[-1], dr, dslope)
+        dq, dk, dv, dp, dr, dslope = ops().backward(grad_out.float().contiguous(), *_operands(q, k, v, p, r, slope), out, lse,
+                                                    1.0 / math.sqrt(q.shape[-1]), ctx.needs_input_grad[5])
+        grads = (dq, dk, dv, dp / p.shape[-1], dr, dslope)
         inputs = (q, k, v, p, r, slope)
         return tuple(g.to(t.dtype) if ctx.needs_input_grad[i] else None
                      for i, (g, t) in enumerate(zip(grads, inputs)))

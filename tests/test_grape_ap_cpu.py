@@ -137,13 +137,27 @@ def test_switched_off_kernel_leaves_the_tensor_op_path(monkeypatch):
 def test_kernel_rejects_inputs_it_cannot_read():
     q, k, v, p, r, slope = path_inputs(1, 2, 64, 64, 8, 4)
     ops = grape_ap_cpu.ops()
-    with pytest.raises(RuntimeError, match="contiguous float32 CPU"):
-        ops.forward(q.transpose(2, 3), k, v, p, r, slope)
+    with pytest.raises(RuntimeError, match="unit stride along the head dim"):
+        ops.forward(q.transpose(2, 3), k, v, p, r, slope, 1.0)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        ops.forward(q.double(), k, v, p, r, slope, 1.0)
     with pytest.raises(RuntimeError, match="must end with k, v"):
         short = [t[:, :, :10].contiguous() for t in (k, v, r)]
-        ops.forward(q, short[0], short[1], p, short[2], slope)
+        ops.forward(q, short[0], short[1], p, short[2], slope, 1.0)
     with pytest.raises(RuntimeError, match="one slope per head"):
-        ops.forward(q, k, v, p, r, slope[:1])
+        ops.forward(q, k, v, p, r, slope[:1], 1.0)
+
+
+def test_kernel_reads_transposed_views_as_the_model_makes_them():
+    """q, k, v as (B, T, H, D) tensors seen as (B, H, T, D): no copy, the same result."""
+    leaves = path_inputs(2, 3, 270, 270, 16, 8)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[:3]] + leaves[3:]
+    assert not views[0].is_contiguous()
+    ref, ref_grads = output_and_grads(kernel, leaves, 270, 270)
+    out, grads = output_and_grads(kernel, views, 270, 270)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(ref_grads, grads):
+        torch.testing.assert_close(b, a, atol=1e-6 * a.abs().max().item(), rtol=1e-5)
 
 
 def test_avx2_build_matches_dense():
