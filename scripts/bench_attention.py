@@ -250,7 +250,9 @@ def report(results, args, Ts, encodings, elapsed) -> str:
              f"Machine: {machine_description(args.device)}.",
              f"Command: `{cmd}` ({elapsed / 60:.0f} min).",
              (f"Min of {args.repeats} forward+backward steps per configuration, the configurations taking turns "
-              "in one process after a warm-up step each" if args.interleave else
+              "in one process after a warm-up step each"
+              + ("; time = CPU time of the process (time.process_time), not wall-clock" if args.cpu_time else "")
+              if args.interleave else
               f"Median of {args.repeats} forward+backward steps after one warm-up")
              + f"; {shape_text(args)}; {load_average()} at the end. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
              "before the step; CUDA: max_memory_allocated). ×RoPE: against RoPE with the auto backend "
@@ -282,6 +284,9 @@ def main():
     ap.add_argument("--interleave", action="store_true",
                     help="time every configuration of a T in this process, taking turns, min of --repeats "
                          "(memory still from forked children)")
+    ap.add_argument("--cpu_time", action="store_true",
+                    help="with --interleave: report this process's CPU time per step instead of wall-clock time "
+                         "(with one thread, what a busy machine disturbs least)")
     ap.add_argument("--breakdown", action="store_true",
                     help="profile one GRAPE-AP attention call (the CPU kernel, the tensor-op path) and RoPE's SDPA "
                          "at each T and write where the time goes")
@@ -326,7 +331,7 @@ def main():
             if args.interleave:
                 for key, r in interleaved_times(what, configs, T, args.device, args.repeats, **shape).items():
                     if "error" not in results[(what, *key, T)]:
-                        results[(what, *key, T)].update(time=r["time"], used=r["used"])
+                        results[(what, *key, T)].update(time=r["cpu"] if args.cpu_time else r["time"], used=r["used"])
             for enc, backend in configs:
                 if not args.interleave:
                     results[(what, enc, backend, T)] = run_config(what, enc, backend, T, args.device,

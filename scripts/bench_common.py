@@ -140,7 +140,8 @@ def run_config(what, encoding, backend, T, device, repeats, **shape) -> dict:
 
 def interleaved_times(what: str, configs: list[tuple[str, str]], T: int, device: str, repeats: int,
                       dtype: str = "float32", **shape) -> dict:
-    """{(encoding, backend): {"time": min, "times": [...], "used": backend}} of one step each,
+    """{(encoding, backend): {"time": min, "cpu": min, "times": [...], "used": backend}} of one
+    step each (wall-clock and this process's CPU seconds),
     measured in this process with the configurations taking turns: a warm-up step each, then
     ``repeats`` rounds of one step per configuration. On a shared machine the load moves during
     a run; taking turns exposes every configuration to the same load, and the minimum is the
@@ -162,16 +163,17 @@ def interleaved_times(what: str, configs: list[tuple[str, str]], T: int, device:
         finally:
             attention.choose_backend = pick
         used = backend if backend != "auto" else "+".join(sorted(chosen)) or "sdpa"
-        out[encoding, backend] = {"times": [], "used": used}
+        out[encoding, backend] = {"times": [], "cpus": [], "used": used}
     for _ in range(repeats):
         for key, step in steps.items():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             sync()
             out[key]["times"].append(time.perf_counter() - t0)
+            out[key]["cpus"].append(time.process_time() - c0)
     for r in out.values():
-        r["time"] = min(r["times"])
+        r["time"], r["cpu"] = min(r["times"]), min(r["cpus"])
     return out
 
 
