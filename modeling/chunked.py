@@ -42,16 +42,18 @@ tests/test_attention_backends.py::test_fast_paths_stay_precise_at_long_length:
 flash kernel shows (its widths 72 and 80 ran alike).
 
 PathIntegralBias (GRAPE-AP): b(t, j) = Σ_{j<ℓ≤t} ψ(t, ℓ) is a per-row suffix sum, not low
-rank. Queries go in blocks; each block sees its visible keys in *reverse* order, where the
-suffix sum becomes a plain prefix ``cumsum`` that starts at the diagonal (accurate for the
-near keys that matter, no flips of big tensors). ψ of the keys after a query is zeroed before
-the cumsum, so they add exact zeros (float32 error at T = 4096, parameters at init / perturbed:
-1.4e-6 / 1.5e-6, against 6.9e-6 / 1.8e-5 when they entered the sum). A custom autograd Function keeps only
-q, k, v, p, r and the output, and recomputes each block in backward (flash-attention style:
-the same code gives the same probabilities bit for bit, so no logsumexp is kept), with
-dψ(t, ℓ) = Σ_{j<ℓ} dS(t, j) as the matching cumsum. Where the time goes and why the block
-code looks as it does (preallocated buffers, log(sigmoid), torch's softmax kernel): see
-results/BENCHMARKS.md "Attention (CPU)".
+rank. On CPU in eager mode the fused C++ kernel of grape_ap_cpu.py computes it (the training
+path); the tensor-op path here computes the same function where the kernel does not run
+(torch.compile, other devices, no C++ compiler). Queries go in blocks; each block sees its
+visible keys in *reverse* order, where the suffix sum becomes a plain prefix ``cumsum`` that
+starts at the diagonal (accurate for the near keys that matter, no flips of big tensors). ψ of
+the keys after a query is zeroed before the cumsum, so they add exact zeros (float32 error at
+T = 4096, parameters at init / perturbed: 1.4e-6 / 1.5e-6, against 6.9e-6 / 1.8e-5 when they
+entered the sum). A custom autograd Function keeps only q, k, v, p, r and the output, and
+recomputes each block in backward (flash-attention style: the same code gives the same
+probabilities bit for bit, so no logsumexp is kept), with dψ(t, ℓ) = Σ_{j<ℓ} dS(t, j) as the
+matching cumsum. Where the time goes, and why the block code looks as it does (preallocated
+buffers, log(sigmoid), torch's softmax kernel): results/BENCHMARKS.md "Attention (CPU)".
 Dynamo traces the Function's forward and backward into a compiled graph as they are (plain
 tensor code), so it needs no torch.library custom op (tests/test_compile.py).
 """
@@ -231,9 +233,9 @@ def _accumulate(dst: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _block_operands(q, k, v, p, r):
-    """Contiguous float32 q/√d, p/d_p and the keys' k, v, r in reverse order. Contiguous
-    whatever the caller's layout (the model's q, k, v are transposed views): the GEMMs on
-    strided slices of them ran up to 10x slower."""
+    """Contiguous float32 q/√d, p/d_p and the keys' k, v, r in reverse order, whatever the
+    caller's layout (the model's q, k, v are transposed views): the in-place GEMMs need slices
+    whose (batch, head) dims merge, and contiguous operands are the GEMMs' fast case."""
     qs = (q.float() / math.sqrt(q.shape[-1])).contiguous()
     ps = (p.float() / p.shape[-1]).contiguous()
     return (qs, ps, *(t.float().flip(2).contiguous() for t in (k, v, r)))
