@@ -2,7 +2,7 @@
 
 Every encoding is an ``nn.Module`` with one method the attention calls:
 
-    q, k, bias = encoding(x, q, k, v=None, offset=0, cache=None)
+    q, k, bias = encoding(x, q, k, v=None, offset=0, cache=None, layout=None)
 
 - ``x`` is the attention input (B, T, C); ``q``, ``k`` are (B, H, T, D) after QK-norm.
 - Multiplicative encodings return rotated q/k (``q̃_t = G(t) q_t``, ``k̃_j = G(j) k_j``).
@@ -13,6 +13,11 @@ Every encoding is an ``nn.Module`` with one method the attention calls:
 - ``offset`` is the absolute position of the first query. With a ``LayerCache`` the
   encoding stores what streaming decoding needs (key-side gates, running sums, rotated
   probes) and the bias it returns covers every cached key.
+- ``layout`` (``modeling.padding.Layout``, None for a plain batch) describes a padded batch:
+  each row's own token positions, which encodings that read absolute positions use (rotary,
+  GRAPE-AP's probe rotations, grids), and which tokens are real, so that cumulative encodings
+  (FoX, GRAPE-M-ctx, the phase clocks) add nothing at a pad. Pad keys are masked by the
+  attention, not here.
 
 Keys always end at the last query: the Tq queries sit at positions offset..offset+Tq-1 and
 the Tk >= Tq keys at offset+Tq-Tk..offset+Tq-1.
@@ -39,6 +44,29 @@ from modeling.cache import LayerCache
 
 def positions(offset: int, length: int, device) -> Tensor:
     return torch.arange(offset, offset + length, device=device)
+
+
+def token_positions(offset: int, length: int, device, layout=None) -> Tensor:
+    """The queries' positions: offset .. offset+length-1, shaped (T,), or each row's own
+    (``layout.positions``, a padded batch or explicit position_ids), shaped (B, 1, T) so that
+    it broadcasts over the heads."""
+    if layout is None or layout.positions is None:
+        return positions(offset, length, device)
+    return layout.positions.to(device)[:, None, :]
+
+
+def row_positions(offset: int, length: int, device, layout=None) -> Tensor:
+    """The queries' positions as (T,), or (B, T) per row for a padded batch (coordinates)."""
+    pos = token_positions(offset, length, device, layout)
+    return pos if pos.dim() == 1 else pos[:, 0]
+
+
+def drop_pads(per_token: Tensor, layout) -> Tensor:
+    """A per-token increment (B, H|1|R, T) with 0 at the pads of a padded batch, so that running
+    sums (FoX's forget sums, phase clocks) count real tokens only."""
+    if layout is None or layout.real is None:
+        return per_token
+    return per_token.masked_fill(~layout.real.to(per_token.device)[:, None, :], 0.0)
 
 
 def rope_frequencies(dim: int, base: float) -> Tensor:
@@ -143,7 +171,7 @@ class Encoding(nn.Module):
         self.head_dim = config.head_dim
 
     def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor] = None,
-                offset: int = 0, cache: Optional[LayerCache] = None):
+                offset: int = 0, cache: Optional[LayerCache] = None, layout=None):
         return q, k, None
 
 
@@ -163,10 +191,10 @@ class RoPE(Encoding):
     def frequencies(self) -> Tensor:
         return self.inv_freq
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         theta = self.frequencies()                                  # (D/2,) or (H, D/2)
-        pos = positions(offset, q.shape[2], q.device).float()
-        angle = pos[:, None] * theta[..., None, :]                  # (T, D/2) or (H, T, D/2)
+        pos = token_positions(offset, q.shape[2], q.device, layout).float()    # (T,) or (B, 1, T)
+        angle = pos[..., None] * theta[..., None, :]                # (T|H,T|B,H|1,T, D/2)
         return rotate_pairs(q, angle), rotate_pairs(k, angle), None
 
 
@@ -226,11 +254,11 @@ class GrapeMLearnedBasis(GrapeM):
         upper = torch.triu(self.basis_raw, diagonal=1)
         return torch.linalg.matrix_exp(upper - upper.transpose(-1, -2))      # (H|1, D, D)
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         E = self.basis().to(q.dtype)
         to_planes = lambda y: y @ E                                          # coordinates in E
         from_planes = lambda y: y @ E.transpose(-1, -2)
-        q, k, _ = super().forward(x, to_planes(q), to_planes(k), offset=offset)
+        q, k, _ = super().forward(x, to_planes(q), to_planes(k), offset=offset, layout=layout)
         return from_planes(q), from_planes(k), None
 
 
@@ -268,15 +296,18 @@ class GrapeMNonCommuting(Encoding):
         L = self.generator()
         return E, E.transpose(1, 2) @ L @ E
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         E, Lr = self.compressed()
-        pos = positions(offset, q.shape[2], q.device).to(Lr.dtype)
-        Gr = torch.linalg.matrix_exp(pos[:, None, None, None] * Lr)              # (T, H, r, r)
+        pos = token_positions(offset, q.shape[2], q.device, layout).to(Lr.dtype)
+        Gr = torch.linalg.matrix_exp(pos[..., None, None, None] * Lr)            # (T|B,1,T, H, r, r)
         Gr = Gr - torch.eye(Lr.shape[-1], device=Lr.device, dtype=Lr.dtype)
+        # one exponential per position, or per row and position (a padded batch)
+        gr_spec = "thrs" if Gr.dim() == 4 else "bthrs"
+        Gr = Gr if Gr.dim() == 4 else Gr[:, 0]
 
         def apply(y):
             u = torch.einsum("bhtd,hdr->bhtr", y, E.to(y.dtype))
-            u = torch.einsum("thrs,bhts->bhtr", Gr.to(y.dtype), u)
+            u = torch.einsum(f"{gr_spec},bhts->bhtr", Gr.to(y.dtype), u)
             return y + torch.einsum("bhtr,hdr->bhtd", u, E.to(y.dtype))
         return apply(q), apply(k), None
 
@@ -314,9 +345,9 @@ class GrapeMContextual(Encoding):
         """ω_t, shaped (B, H|1, T)."""
         return torch.sigmoid(self.phase_proj(x).float() / self.omega_scale).transpose(1, 2)
 
-    def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
-        """Φ_t = Σ_{ℓ<t} ω_ℓ (exclusive prefix sum), continued from the cache."""
-        omega = self.increments(x)
+    def phases(self, x: Tensor, cache: Optional[LayerCache], layout=None) -> Tensor:
+        """Φ_t = Σ_{ℓ<t} ω_ℓ (exclusive prefix sum over real tokens), continued from the cache."""
+        omega = drop_pads(self.increments(x), layout)
         before = cache.get("phase_total") if cache is not None else None
         inclusive = omega.cumsum(-1)
         if before is not None:
@@ -326,8 +357,8 @@ class GrapeMContextual(Encoding):
             cache.set("phase_total", inclusive[..., -1:])
         return phi
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: float = 0.0):
-        phi = self.phases(x, cache) + phase_offset                      # (B, H|1, T)
+    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: float = 0.0, layout=None):
+        phi = self.phases(x, cache, layout) + phase_offset              # (B, H|1, T)
         theta = self.frequencies().float()
         theta = theta.view(1, -1, 1, theta.shape[-1])                   # (1, H|1, 1, D/2)
         angle = phi[..., None] * theta                                  # (B, H|1, T, D/2)
@@ -351,7 +382,7 @@ class ALiBi(Encoding):
         super().__init__(config)
         self.register_buffer("slopes", alibi_slopes(self.n_head))
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         n_keys = q.shape[2] + (cache.length if cache is not None else 0)
         bias = SeparableBias(q.shape[2], n_keys, offset, slope_q=self.slopes.view(1, -1, 1))
         return q, k, bias
@@ -370,8 +401,8 @@ class FoX(Encoding):
     def log_forget(self, x: Tensor) -> Tensor:
         return F.logsigmoid(self.forget_proj(x).float()).transpose(1, 2)   # (B, H, T)
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
-        cum = self.log_forget(x).cumsum(-1)
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
+        cum = drop_pads(self.log_forget(x), layout).cumsum(-1)
         if cache is not None and cache.get("fox_cum") is not None:
             cum = cum + cache.get("fox_cum")[..., -1:]
         cum_k = cache.extend("fox_cum", cum) if cache is not None else cum
@@ -417,7 +448,7 @@ class GrapeA(Encoding):
         score = torch.einsum("bhtd,hd->bht", x.float(), unit) / math.sqrt(self.head_dim)
         return F.softplus(score)
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         omega = self.omega().view(1, -1, 1)
         slope_q = omega * self._gate(self.gate_q, q, self.q_l2) if self.use_q else None
         slope_k = None
@@ -464,14 +495,14 @@ class GrapeAP(Encoding):
             return self.p_proj(x).view(B, T, self.n_head, self.p_dim).transpose(1, 2)
         return {"pq": q, "pk": k, "pv": v}[self.tie]
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         raw = self.probes(x, q, k, v)
         p = raw.float()
         # the original's F.rms_norm(p) without weight: eps = machine epsilon of p's dtype
         # (1.2e-7 in float32, 7.8e-3 for bf16 probes under autocast)
         p_hat = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + torch.finfo(raw.dtype).eps)
-        pos = positions(offset, q.shape[2], q.device).float()
-        r = rotate_pairs(p_hat, pos[:, None] * self.probe_freq)
+        pos = token_positions(offset, q.shape[2], q.device, layout).float()      # (T,) or (B, 1, T)
+        r = rotate_pairs(p_hat, pos[..., None] * self.probe_freq)
         if cache is not None:
             r = cache.extend("grape_ap_r", r)
         bias = PathIntegralBias(q.shape[2], r.shape[2], offset, p=p, r=r, slope=self.slopes)
@@ -494,11 +525,11 @@ class Composed(Encoding):
         self.takes_coords = rotary.takes_coords or additive.takes_coords
         self.rotary, self.bias = rotary, additive
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None, layout=None):
         def extra(part):
             return {"coords": coords} if coords is not None and part.takes_coords else {}
-        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache, **extra(self.bias))
-        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache, **extra(self.rotary))
+        _, _, bias = self.bias(x, q, k, v=v, offset=offset, cache=cache, layout=layout, **extra(self.bias))
+        q, k, _ = self.rotary(x, q, k, v=v, offset=offset, cache=cache, layout=layout, **extra(self.rotary))
         return q, k, bias
 
 
@@ -652,14 +683,14 @@ class GrapeMPlanes(Encoding):
         b = torch.stack((-im, re), -1).transpose(-3, -2).flatten(-2)
         return a, b
 
-    def coordinates(self, offset: int, n_tokens: int, device, coords: Optional[Tensor]) -> Tensor:
+    def coordinates(self, offset: int, n_tokens: int, device, coords: Optional[Tensor], layout=None) -> Tensor:
         """Position of each token on each axis: (T, axes) or (B, T, axes)."""
         if coords is not None:
             raise ValueError("coords are for the grid encodings (grape_m_grid, grape_a_grid)")
-        return positions(offset, n_tokens, device)[:, None]
+        return row_positions(offset, n_tokens, device, layout)[..., None]
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
-        coords = self.coordinates(offset, q.shape[2], q.device, coords).float()
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None, layout=None):
+        coords = self.coordinates(offset, q.shape[2], q.device, coords, layout).float()
         plane_pos = coords[..., self.plane_axis].unsqueeze(-3)                       # (B|., 1, T, d/2)
         angle = -plane_pos * self.frequencies()[:, None, :]                          # (B|., H, T, d/2)
         a, b = self.planes()
@@ -691,10 +722,10 @@ class GrapeMGrid(GrapeMPlanes):
         self.grid = _require_grid(config)
         super().__init__(config, axes=len(self.grid))
 
-    def coordinates(self, offset, n_tokens, device, coords):
+    def coordinates(self, offset, n_tokens, device, coords, layout=None):
         if coords is not None:
             return explicit_coordinates(coords.to(device), n_tokens, self.n_axes)
-        return raster_coordinates(positions(offset, n_tokens, device), self.grid)
+        return raster_coordinates(row_positions(offset, n_tokens, device, layout), self.grid)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -768,9 +799,12 @@ class GrapeAGrid(Encoding):
     def axis_slopes(self) -> Tensor:
         return F.softplus(self.slope_raw) * self.slopes[:, None]                     # (H, A)
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, coords=None, layout=None):
         B, _, Tq, _ = q.shape
         n_keys = Tq + (cache.length if cache is not None else 0)
+        if coords is None and layout is not None and layout.positions is not None:
+            # a padded batch: each row's raster coordinates, from its own positions
+            coords = raster_coordinates(layout.positions.to(q.device), self.grid)
         q_coords, k_coords = self.token_coordinates(B, Tq, n_keys, offset, q.device, cache, coords)
         alpha = self.axis_slopes()
         if self.distance == "signed":
@@ -834,8 +868,8 @@ class GrapeAPhase(Encoding):
     def rates(self) -> Tensor:
         return F.softplus(self.rate_raw) * self.slopes                               # θ_h, (H,)
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
-        omega = clock_rate(self.phase_proj(x)).transpose(1, 2)                        # (B, H|1, T)
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
+        omega = drop_pads(clock_rate(self.phase_proj(x)).transpose(1, 2), layout)     # (B, H|1, T)
         phi = running_phase(omega, cache, "grape_a_phase_total")
         cum = -self.rates().view(1, -1, 1) * phi                                     # (B, H, T)
         cum_k = cache.extend("grape_a_phase_cum", cum) if cache is not None else cum
@@ -869,12 +903,12 @@ class GrapeMContextualDictionary(Encoding):
         self.mix = nn.Parameter(bands.repeat(self.n_head, 1, 1))                     # (H, R, d/2)
         self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_base))
 
-    def phases(self, x: Tensor, cache: Optional[LayerCache]) -> Tensor:
-        omega = clock_rate(self.phase_proj(x)).transpose(1, 2)                        # (B, R, T)
+    def phases(self, x: Tensor, cache: Optional[LayerCache], layout=None) -> Tensor:
+        omega = drop_pads(clock_rate(self.phase_proj(x)).transpose(1, 2), layout)     # (B, R, T)
         return running_phase(omega, cache, "grape_ctx_dict_total")
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0):
-        phi = self.phases(x, cache)
+    def forward(self, x, q, k, v=None, offset=0, cache=None, phase_offset: Tensor | float = 0.0, layout=None):
+        phi = self.phases(x, cache, layout)
         # a float is added as is (torch.as_tensor of a python float fails on the meta device)
         phi = phi + (phase_offset.reshape(-1, 1) if isinstance(phase_offset, Tensor) else phase_offset)
         # elementwise, not an einsum: autocast would take a matmul to bf16, and angles need fp32
@@ -919,7 +953,7 @@ class GrapeADictionary(Encoding):
         lam = F.softplus(y @ unit.to(y.dtype).transpose(-1, -2) / math.sqrt(self.head_dim))
         return (lam * self.weights()[:, None, :]).sum(-1)
 
-    def forward(self, x, q, k, v=None, offset=0, cache=None):
+    def forward(self, x, q, k, v=None, offset=0, cache=None, layout=None):
         slope_k = self.rate(self.gate_k, k)
         if cache is not None:
             slope_k = cache.extend("grape_a_dict_slope_k", slope_k)

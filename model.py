@@ -10,23 +10,52 @@ trust_remote_code=True)`` opens it without this repository.
 
 import math
 import os
+import re
 from typing import NamedTuple, Optional, Union
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
-from torch import Tensor
-from transformers import PretrainedConfig, PreTrainedModel
+import transformers
 
-from grape import GRID_ENCODINGS, build_encoding, check_encoding_name
-from modeling.attention import attend, backend_choices
-from modeling.cache import LayerCache
-from modeling.generation import StreamingGenerationMixin, cpu_threads, hf_forward, sample, threads_for
-from modeling.shipping import complete_folder
+from modeling.shipping import MIN_TRANSFORMERS, complete_folder
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+# Checked before anything else, so that an older release says so in one line.
+if _release(transformers.__version__) < _release(MIN_TRANSFORMERS):
+    raise ImportError(f"this GRAPE checkpoint needs transformers >= {MIN_TRANSFORMERS}, but "
+                      f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from torch import Tensor  # noqa: E402
+from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
+
+from grape import GRID_ENCODINGS, build_encoding, check_encoding_name  # noqa: E402
+from modeling.attention import attend, backend_choices  # noqa: E402
+from modeling.cache import LayerCache  # noqa: E402
+from modeling.generation import StreamingGenerationMixin, check_length, cpu_threads, sample, threads_for  # noqa: E402
+from modeling.hf_forward import base_forward, causal_lm_forward, read_weights  # noqa: E402
+from modeling.padding import Layout  # noqa: E402
 
 ROTARY_ENCODINGS = ("rope", "grape_m", "grape_m_ctx", "grape_m_basis", "grape_m_planes", "grape_m_grid",
                     "grape_m_ctx_dict")
+
+
+def _modules_shipped_beside_this_file():
+    """Never called. Releases of transformers before 5.10.1 copy a local folder's remote code
+    into their module cache as the files model.py imports itself, not the files those import;
+    naming every shipped module here brings them all along (5.4 to 5.10 then run the folder,
+    older releases reach the version check above and say what they need)."""
+    from modeling.bias import Bias  # noqa: F401
+    from modeling.chunked import chunked_attention  # noqa: F401
+    from modeling.dense import dense_attention  # noqa: F401
+    from modeling.flex import flex_attention  # noqa: F401
+    from modeling.grape_ap_triton import grape_ap_triton_attention  # noqa: F401
+
 
 # The original repository's model_type strings, mapped onto pos_encoding.
 LEGACY_MODEL_TYPES = {
@@ -63,7 +92,19 @@ EOT = 50256  # GPT-2's <|endoftext|>: bos and eos (tokenizer.py)
 # Where transformers finds these classes in a saved folder, which carries this module's file
 # and the modules it imports (modeling/shipping.write_code).
 AUTO_MAP = {"AutoConfig": f"{__name__.split('.')[-1]}.GPTConfig",
+            "AutoModel": f"{__name__.split('.')[-1]}.GPTModel",
             "AutoModelForCausalLM": f"{__name__.split('.')[-1]}.GPT"}
+
+# transformers' attn_implementation names -> this model's attention backends. "sdpa" (what
+# transformers picks by default) keeps config.attn_backend: SDPA where there is no bias, the
+# linear-memory paths where there is one.
+ATTN_IMPLEMENTATIONS = {"eager": "dense", "flex_attention": "flex"}
+
+
+def attention_backend(config) -> str:
+    """The backend config.attn_backend names, unless attn_implementation asked for another."""
+    requested = getattr(config, "_attn_implementation", None)
+    return ATTN_IMPLEMENTATIONS.get(requested, config.attn_backend) if isinstance(requested, str) else config.attn_backend
 
 
 @strict
@@ -171,21 +212,6 @@ class GPTConfig(PretrainedConfig):
             raise ValueError(f"grid_distance must be abs, signed or radial, got {self.grid_distance!r}")
 
 
-def read_weights(path: str) -> dict[str, Tensor]:
-    """The tensors of a save_pretrained folder: model.safetensors or pytorch_model.bin, sharded or not."""
-    import json
-    from transformers.modeling_utils import load_state_dict
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.isfile(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load_state_dict(os.path.join(path, shard)).items()}
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            return load_state_dict(os.path.join(path, name))
-    raise FileNotFoundError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin)")
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -205,14 +231,16 @@ class TokenShift(nn.Module):
         self.name = name
         self.gate = nn.Linear(config.n_embd, config.n_head, bias=False)
 
-    def forward(self, x: Tensor, y: Tensor, cache: Optional[LayerCache]) -> Tensor:
-        # y: (B, H, T, D) projections of this chunk; the cache holds the previous chunk's last one
+    def forward(self, x: Tensor, y: Tensor, cache: Optional[LayerCache], real: Optional[Tensor] = None) -> Tensor:
+        # y: (B, H, T, D) projections of this chunk; the cache holds the previous chunk's last one.
+        # In a padded batch (real: (B, T)) a pad is nobody's previous token: it counts as 0.
+        source = y if real is None else y.masked_fill(~real[:, None, :, None], 0.0)
         prev_last = cache.get(self.name) if cache is not None else None
         if prev_last is None:
             prev_last = torch.zeros_like(y[:, :, :1])
-        prev = torch.cat([prev_last, y[:, :, :-1]], dim=2)
+        prev = torch.cat([prev_last, source[:, :, :-1]], dim=2)
         if cache is not None:
-            cache.set(self.name, y[:, :, -1:])
+            cache.set(self.name, source[:, :, -1:])
         a = torch.sigmoid(self.gate(x).float()).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1), float32
         return (a * prev + (1 - a) * y).to(y.dtype)
 
@@ -221,7 +249,7 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.backend = config.attn_backend
+        self.config = config                   # the backend may change with attn_implementation
         C = config.n_embd
         self.c_q = nn.Linear(C, C, bias=False)
         self.c_k = nn.Linear(C, C, bias=False)
@@ -242,30 +270,38 @@ class Attention(nn.Module):
         B, T, _ = y.shape
         return y.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
-    def project(self, x: Tensor, cache: Optional[LayerCache] = None):
+    @property
+    def backend(self) -> str:
+        return attention_backend(self.config)
+
+    def project(self, x: Tensor, cache: Optional[LayerCache] = None, layout: Optional[Layout] = None):
         """q, k, v per head after KV-shift and QK-norm (unless it comes after the rotation),
         before the positional encoding."""
         q, k, v = self.heads(self.c_q(x)), self.heads(self.c_k(x)), self.heads(self.c_v(x))
+        real = layout.real if layout is not None else None
         if self.k_shift is not None:
-            k = self.k_shift(x, k, cache)
+            k = self.k_shift(x, k, cache, real)
         if self.v_shift is not None:
-            v = self.v_shift(x, v, cache)
+            v = self.v_shift(x, v, cache, real)
         if self.norm_after_rotation:
             return q, k, v
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None,
+                layout: Optional[Layout] = None) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.project(x, cache)
+        q, k, v = self.project(x, cache, layout)
         offset = cache.length if cache is not None else 0
         extra = {} if coords is None else {"coords": coords}      # grid encodings: explicit positions
+        if layout is not None:
+            extra["layout"] = layout                              # a padded batch (padding.py)
         q, k, bias = self.pos(x, q, k, v=v, offset=offset, cache=cache, **extra)
         if self.norm_after_rotation:           # the original's order in its RoPE/GRAPE-M files
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.extend("k", k), cache.extend("v", v)
             cache.length += T
-        y = attend(q, k, v, bias, self.backend)
+        y = attend(q, k, v, bias, self.backend, layout.key_padding if layout is not None else None)
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -290,8 +326,9 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, coords)
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, coords: Optional[Tensor] = None,
+                layout: Optional[Layout] = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, coords, layout)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -302,33 +339,83 @@ class LMOutput(NamedTuple):
     loss: Optional[Tensor]
 
 
-class GPT(PreTrainedModel, StreamingGenerationMixin):
+class GPTPreTrainedModel(PreTrainedModel):
+    """What the base transformer and the language model share as transformers models."""
     config_class = GPTConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"     # what transformers' generate() looks for
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
+    _supports_sdpa = True             # attn_implementation: sdpa, eager, flex_attention (ATTN_IMPLEMENTATIONS)
+    _supports_flex_attn = True
 
-    def __init__(self, config: GPTConfig):
+    def _init_weights(self, module):
+        # All initialisation happens in reset_parameters; transformers must not redo it.
+        pass
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True                   # Attention reads it from the config at every call
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, made safe and strict. A local folder's weight files
+        are checked first: an index may name only files inside the folder, and a
+        ``pytorch_model.bin`` must load without unpickling code (``hf_forward.check_weight_files``).
+        transformers leaves a parameter the checkpoint lacks uninitialised and ignores one it has
+        too many; here a local folder whose parameters do not match is read again through
+        ``load_state_dict``, which converts the earlier parameterisations of this repository
+        (GRAPE-M's δ, GRAPE-M-ctx's fixed spectrum; see grape.py), and any mismatch left is an
+        error naming the parameters."""
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            read_weights(path, check_only=True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = set(info["missing_keys"]) - {"lm_head.weight"}             # tied to the embedding
+        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+            if not os.path.isdir(path):
+                raise ValueError(f"{path} does not match its config: missing {sorted(missing)[:5]}, "
+                                 f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+            model.load_exactly(read_weights(path), path)
+        return (model, info) if want_info else model
+
+    def load_exactly(self, state: dict, source: str) -> None:
+        """load_state_dict (its conversion hooks run), then an error for any parameter left unmatched."""
+        prefix = self.base_model_prefix + "."
+        if not hasattr(self, "lm_head"):          # the base transformer reads a language model's weights
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()
+                     if k != "lm_head.weight"}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {source} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+
+class GPTModel(GPTPreTrainedModel):
+    """The transformer without its language-model head (what ``AutoModel`` opens): token
+    embedding, blocks, final RMSNorm. ``forward`` returns the final hidden states (B, T, C)."""
+
+    def __init__(self, config: GPTConfig, initialise: bool = True):
         super().__init__(config)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=RMSNorm(config.n_embd, config.norm_eps),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-        self.reset_parameters()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        # activation checkpointing (transformers' gradient/activation_checkpointing_enable, or the
+        # training option --activation_checkpointing=True): blocks recompute their forward in backward
+        self.gradient_checkpointing = False
+        if initialise:                   # GPT initialises after adding its head (the same random draws)
+            self.reset_parameters()
         self.post_init()
 
-    # -- init -------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Embedding N(0, 0.02); matrices N(0, 0.5/√C); residual outputs also / √n_layer.
         Encodings keep the init they chose themselves."""
         C, L = self.config.n_embd, self.config.n_layer
         std = 0.5 / math.sqrt(C)
-        nn.init.normal_(self.transformer.wte.weight, std=0.02)
-        for block in self.transformer.h:
+        nn.init.normal_(self.wte.weight, std=0.02)
+        for block in self.h:
             for name, module in block.named_modules():
                 if name.startswith("attn.pos"):
                     continue
@@ -338,15 +425,91 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
                 elif isinstance(module, RMSNorm):
                     nn.init.ones_(module.weight)
 
-    def _init_weights(self, module):
-        # All initialisation happens in reset_parameters; transformers must not redo it.
-        pass
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def run(self, idx: Tensor, caches: Optional[list[LayerCache]] = None, coords: Optional[Tensor] = None,
+            layout: Optional[Layout] = None, hidden_states: Optional[list] = None) -> Tensor:
+        """The final hidden states, normalised, (B, T, C). ``hidden_states``: a list that receives
+        the embedding output and every block's output (the last one normalised, transformers' way)."""
+        x = self.wte(idx)
+        for i, block in enumerate(self.h):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = self.checkpoint_function()(block.__call__, x, None, coords, layout)
+            else:
+                x = block(x, cache, coords, layout)
+        x = self.ln_f(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
+
+    def checkpoint_function(self):
+        """transformers' (set by gradient_checkpointing_enable), else torch's non-reentrant one."""
+        function = getattr(self, "_gradient_checkpointing_func", None)
+        if function is None:
+            from functools import partial
+            from torch.utils.checkpoint import checkpoint
+            function = partial(checkpoint, use_reentrant=False)
+        return function
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, past_key_values=None, cache=None,
+                use_cache: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, coords: Optional[Tensor] = None, **kwargs):
+        """transformers' base-model call -> ``BaseModelOutputWithPast`` (``hf_forward.base_forward``)."""
+        return base_forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, cache=cache, use_cache=use_cache,
+                            output_hidden_states=output_hidden_states, return_dict=return_dict, coords=coords,
+                            **kwargs)
+
+    def new_caches(self) -> list[LayerCache]:
+        return [LayerCache() for _ in range(self.config.n_layer)]
+
+
+class GPT(GPTPreTrainedModel, StreamingGenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.transformer = GPTModel(config, initialise=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.reset_parameters()
+        self.post_init()
+
+    def reset_parameters(self) -> None:
+        self.transformer.reset_parameters()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them (the training
+        option --activation_checkpointing; training/sizing.py accounts for it)."""
+        self.transformer.gradient_checkpointing = on
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, idx: Optional[Tensor] = None, targets: Optional[Tensor] = None,
                 caches: Optional[list[LayerCache]] = None, logits_to_keep: int = 0, *,
-                coords: Optional[Tensor] = None, input_ids=None, attention_mask=None, past_key_values=None,
-                use_cache=None, return_dict=None, **kwargs):
+                coords: Optional[Tensor] = None, input_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, past_key_values=None, cache=None, use_cache: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """``model(idx, targets, caches)`` -> ``(logits, loss)``. With ``caches`` (one
         ``LayerCache`` per layer, see ``new_caches``) the tokens continue the cached sequence.
         ``logits_to_keep=n`` computes logits for the last n positions only (decoding).
@@ -354,76 +517,68 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
         (default: raster order on ``config.grid``).
         The pair is an ``LMOutput``: ``model(idx).logits`` works as well.
 
-        Called the transformers way (``input_ids=``, ``past_key_values=``, ``use_cache=``,
-        ``attention_mask=``, ``return_dict=``, as ``generate()`` does) it returns a
-        ``CausalLMOutputWithPast`` instead; see ``generation.hf_forward``."""
-        hf_args = (input_ids, attention_mask, past_key_values, use_cache, return_dict)
-        if idx is None or kwargs or any(a is not None for a in hf_args):
-            return hf_forward(self, idx if idx is not None else input_ids, attention_mask, past_key_values,
-                              use_cache, return_dict, logits_to_keep, **kwargs)
+        Called the transformers way (``input_ids=``, ``attention_mask=``, ``labels=``, a cache as
+        ``past_key_values=`` or ``cache=``, ...; as ``generate()``, ``Trainer`` and PEFT call it) it
+        returns a ``CausalLMOutputWithPast`` instead; see ``hf_forward.causal_lm_forward``."""
+        hf = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                  past_key_values=past_key_values, cache=cache, use_cache=use_cache,
+                  output_hidden_states=output_hidden_states, return_dict=return_dict)
+        if idx is None or kwargs or any(v is not None for v in hf.values()):
+            hf["input_ids"] = idx if idx is not None else input_ids
+            return causal_lm_forward(self, logits_to_keep=logits_to_keep, coords=coords, **hf, **kwargs)
         B, T = idx.shape
         start = caches[0].length if caches is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size="
-                             f"{self.config.block_size}; load the model with a larger block_size "
-                             "to evaluate beyond the training context")
+        check_length(self.config, start + T)
         if coords is not None and self.config.grid is None:
             raise ValueError("coords are token coordinates for the grid encodings; this model has no grid")
-        x = self.transformer.wte(idx)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches is not None else None, coords)
+        x = self.transformer.run(idx, caches, coords)
         if logits_to_keep:
             if targets is not None:
                 raise ValueError("logits_to_keep and targets cannot be combined (the loss needs every logit)")
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.transformer.ln_f(x)).float()
+        logits = self.lm_head(x).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return LMOutput(logits, loss)
 
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, run_facts: Optional[dict] = None,
+                        **kwargs):
         """transformers' ``save_pretrained`` (config.json with ``auto_map``, generation_config.json,
         model.safetensors), plus what lets the folder open without this repository: the modelling
-        code as remote code and the GPT-2 tokenizer (``shipping.complete_folder``).
+        code as remote code, the GPT-2 tokenizer and a model card (``shipping.complete_folder``;
+        ``run_facts``: what the training knows, e.g. tokens seen and validation loss).
         ``push_to_hub=True`` (with ``repo_id=``) then uploads the complete folder (``push_to_hub``)."""
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token",
                                                  "revision") if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            complete_folder(self, save_directory)
+            complete_folder(self, save_directory, run_facts)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, **hub_kwargs)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' ``from_pretrained``, made strict: transformers leaves a parameter the
-        checkpoint lacks uninitialised and ignores one it has too many. Here a local folder whose
-        parameters do not match is read again through ``load_state_dict``, which converts the
-        earlier parameterisations of this repository (GRAPE-M's δ, GRAPE-M-ctx's fixed spectrum;
-        see grape.py), and any mismatch left is an error naming the parameters."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        missing = set(info["missing_keys"]) - {"lm_head.weight"}             # tied to the embedding
-        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
-            path = str(pretrained_model_name_or_path)
-            if not os.path.isdir(path):
-                raise ValueError(f"{path} does not match its config: missing {sorted(missing)[:5]}, "
-                                 f"unexpected {sorted(info['unexpected_keys'])[:5]}")
-            model.load_exactly(read_weights(path), path)
-        return (model, info) if want_info else model
-
-    def load_exactly(self, state: dict, source: str) -> None:
-        """load_state_dict (its conversion hooks run), then an error for any parameter left unmatched."""
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {source} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token=None, revision: Optional[str] = None, create_pr: bool = False, **save_kwargs):
+        """Upload the complete folder ``save_pretrained`` writes (weights, config, code, tokenizer,
+        model card) as one commit. transformers' own ``push_to_hub`` would replace the folder's
+        card with a generic one; this uploads the folder as written (huggingface_hub's API)."""
+        import tempfile
+        from huggingface_hub import CommitOperationAdd, HfApi
+        for key in ("tags", "commit_description", "use_temp_dir", "safe_serialization"):
+            save_kwargs.pop(key, None)         # transformers' push_to_hub options with no effect here
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+                          for name in files]
+            return api.create_commit(repo_id=repo_id, operations=operations, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload GRAPE checkpoint")
 
     def new_caches(self) -> list[LayerCache]:
-        return [LayerCache() for _ in range(self.config.n_layer)]
+        return self.transformer.new_caches()
 
     @torch.no_grad()
     def generate(self, idx: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
@@ -439,7 +594,8 @@ class GPT(PreTrainedModel, StreamingGenerationMixin):
 
         Any other argument (``input_ids=``, ``do_sample=``, ``num_beams=``, ``attention_mask=``,
         ``generation_config=``...) calls transformers' ``GenerationMixin.generate`` instead
-        (greedy, sampling and beam search; not assisted decoding)."""
+        (greedy, sampling and beam search, padded batches; not assisted decoding), after the
+        same check of the length."""
         prompt = idx if idx is not None else hf_kwargs.get("input_ids")
         n_threads = threads_for(self, prompt, threads) if prompt is not None else None
         with cpu_threads(n_threads):

@@ -60,13 +60,14 @@ class GrapeLM(TemplateLM):
     model_args: pretrained (required), device, batch_size, dtype (float32 | bfloat16 | float16,
     autocast on CUDA), max_length (default: the checkpoint's block_size), block_size (load with
     a longer context; the encodings have no learned absolute positions), max_gen_toks,
-    use_cache (KV-cache while generating, default True).
+    use_cache (KV-cache while generating, default True), trust_checkpoint_pickle (read a
+    ``ckpt.pt`` of an earlier version with the full unpickler, which can run code it carries).
     """
 
     def __init__(self, pretrained: str | GPT, device: Optional[str] = None, batch_size=1,
                  max_batch_size: Optional[int] = None, dtype: str = "float32",
                  max_length: Optional[int] = None, block_size: Optional[int] = None,
-                 max_gen_toks: int = 256, use_cache=True, **unused):
+                 max_gen_toks: int = 256, use_cache=True, trust_checkpoint_pickle=False, **unused):
         super().__init__()
         if unused:
             log.warning("grape: ignoring unknown model_args %s", sorted(unused))
@@ -81,7 +82,7 @@ class GrapeLM(TemplateLM):
             model = pretrained
         else:
             overrides = {"block_size": int(block_size)} if block_size else {}
-            model = load_model(str(pretrained), **overrides)
+            model = load_model(str(pretrained), trust_pickle=_as_bool(trust_checkpoint_pickle), **overrides)
         self.model = model.to(self._device).eval()
         if dtype not in DTYPES:
             raise ValueError(f"grape: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

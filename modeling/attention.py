@@ -10,9 +10,10 @@ q, k, v are (B, H, T|Tq|Tk, D); a bias is a description of the (B, H, Tq, Tk) lo
 (``bias.py``), never that tensor; the attention output is (B, H, Tq, D). The Tq queries are
 the last Tq of the Tk key positions.
 
-``attend(q, k, v, bias, backend)`` is the only entry point the model uses. ``bias`` is
-None (multiplicative encodings, NoPE) or a ``bias.Bias`` description. Queries are the last
+``attend(q, k, v, bias, backend, key_padding)`` is the only entry point the model uses. ``bias``
+is None (multiplicative encodings, NoPE) or a ``bias.Bias`` description. Queries are the last
 Tq of the Tk key positions (Tq == Tk in training; Tq < Tk while decoding with a cache).
+``key_padding`` (B, Tk), True at the pad keys of a padded batch (``padding.py``), or None.
 
 - ``dense`` (dense.py): the reference. Builds the full (B, H, Tq, Tk) logits,
   bias and mask. Tests compare every other path against it; it is also the cheapest path
@@ -24,7 +25,9 @@ Tq of the Tk key positions (Tq == Tk in training; Tq < Tk while decoding with a 
 - ``flex`` (flex.py): ``flex_attention`` with the bias's ``score_mod`` (GPU).
 - ``triton`` (grape_ap_triton.py): the GRAPE-AP kernel (GPU, or ``TRITON_INTERPRET=1``).
 Backends that cannot serve a case (flex with a bias that has no score_mod, decoding with
-Tq < Tk in the compiled kernels) hand it to the chunked path, which serves everything.
+Tq < Tk or a padded batch in the compiled kernels) hand it to the chunked path, which serves
+everything. Pad keys are masked by the dense reference explicitly, by every other path through
+one extra q·k column (``padding.with_key_padding``): no (B, H, Tq, Tk) mask is built.
 ``auto`` picks with ``choose_backend``; it never picks a T² path for long sequences.
 
 The backends import only dense.py and bias.py; this module imports them (flex
@@ -42,6 +45,7 @@ from torch import Tensor
 from .chunked import chunked_attention
 from .dense import causal_mask, dense_attention, dense_logits, sdpa_attention  # noqa: F401
 from .bias import PathIntegralBias
+from .padding import with_key_padding
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
@@ -138,11 +142,18 @@ def resolve_backend(q: Tensor, bias, backend: str = "auto") -> str:
     return backend
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias=None, backend: str = "auto") -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, bias=None, backend: str = "auto",
+           key_padding: Optional[Tensor] = None) -> Tensor:
     flush_denormals_on_cpu(q.device)
     backend = resolve_backend(q, bias, backend)
     try:
         fn = BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown attn_backend {backend!r}; choose one of {backend_choices()}") from None
-    return fn(q, k, v, bias)
+    if key_padding is None:
+        return fn(q, k, v, bias)
+    if backend == "dense":
+        return dense_attention(q, k, v, bias, key_padding)
+    if backend in ("flex", "triton"):        # compiled for unpadded shapes; padding is for inference
+        fn = chunked_attention
+    return with_key_padding(fn, q, k, v, bias, key_padding)

@@ -35,17 +35,23 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
     return causal_sdpa(q, k, v)
 
 
-def dense_logits(q: Tensor, k: Tensor, bias=None) -> Tensor:
-    """Full pre-softmax logits q·k/√d + b(t, j), masked to -inf above the diagonal (float32)."""
+def dense_logits(q: Tensor, k: Tensor, bias=None, key_padding=None) -> Tensor:
+    """Full pre-softmax logits q·k/√d + b(t, j), masked to -inf above the diagonal (float32).
+    ``key_padding`` (B, Tk), True at pad keys: those are masked too, except for the pad query
+    itself (a pad sees only itself, so its row stays finite; no real query reads a pad)."""
     logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if bias is not None:
         logits = logits + bias.dense().float()
-    mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask = causal_mask(Tq, Tk, q.device)
+    if key_padding is not None:
+        own_key = torch.arange(Tk - Tq, Tk, device=q.device)[:, None] == torch.arange(Tk, device=q.device)
+        mask = mask & (~key_padding.to(q.device)[:, None, None, :] | own_key)
     return logits.masked_fill(~mask, float("-inf"))
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias=None) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias=None, key_padding=None) -> Tensor:
     """The reference: builds the full (B, H, Tq, Tk) logits, bias and mask."""
     with torch.autocast(q.device.type, enabled=False):      # float32 maths under autocast too
-        probs = torch.softmax(dense_logits(q, k, bias), dim=-1)
+        probs = torch.softmax(dense_logits(q, k, bias, key_padding), dim=-1)
         return (probs @ v.float()).to(q.dtype)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import LayerCache
 
@@ -112,12 +111,20 @@ def check_room(model, prompt_len: int, max_new_tokens: int) -> None:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prompt_len < 1:
         raise ValueError("the prompt must hold at least one token")
-    if prompt_len + max_new_tokens - 1 > block_size:
+    need = prompt_len + max_new_tokens - 1
+    if need > block_size:
         raise ValueError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs a context of "
-            f"{prompt_len + max_new_tokens - 1} > block_size={block_size}; the cache cannot slide "
-            "(cumulative and absolute state), so shorten the prompt or load the model with a larger "
-            "block_size")
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs a context of {need} > "
+            f"block_size={block_size}; the cache cannot slide (cumulative and absolute state), so shorten the "
+            f"prompt or load the model with a larger block_size: from_pretrained(..., block_size={need})")
+
+
+def check_length(config, n_tokens: int) -> None:
+    """A sequence longer than block_size is an error, not a silent extrapolation."""
+    if n_tokens > config.block_size:
+        raise ValueError(f"sequence of {n_tokens} tokens is longer than block_size={config.block_size}; load the "
+                         f"model with a larger block_size (from_pretrained(..., block_size={n_tokens}) or "
+                         f"load_model(path, block_size={n_tokens})) to evaluate beyond the training context")
 
 
 def next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -152,38 +159,28 @@ def sample(model, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
 
 
 # ----------------------------------------------------------------------------------------
-# transformers glue: forward the way generate() calls it, and the cache it should use
+# transformers' generate(): the cache it should use, and the length checked before it starts
 # ----------------------------------------------------------------------------------------
-
-def hf_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-               past_key_values: Optional[StreamingCache] = None, use_cache: Optional[bool] = None,
-               return_dict: Optional[bool] = None, logits_to_keep: int = 0, **unused):
-    """``model(input_ids=..., past_key_values=..., use_cache=...)`` -> ``CausalLMOutputWithPast``."""
-    asked = [k for k, v in unused.items() if v is not None and v is not False]
-    if asked:
-        raise ValueError(f"unsupported arguments for this model: {asked}")
-    if input_ids is None:
-        raise ValueError("pass input_ids (inputs_embeds is not supported)")
-    if attention_mask is not None and not bool((attention_mask == 1).all()):
-        raise ValueError("padding (an attention_mask with zeros) is not supported: positions and the "
-                         "cumulative encodings would count the pad tokens; batch prompts of equal length")
-    if past_key_values is not None and not isinstance(past_key_values, StreamingCache):
-        raise TypeError(f"past_key_values must be a generation.StreamingCache, got "
-                        f"{type(past_key_values).__name__} (this model's cache holds more than keys and values)")
-    if past_key_values is None and use_cache:     # generate() asks; a plain forward call keeps none
-        past_key_values = StreamingCache(model.new_caches())
-    caches = past_key_values.layers if past_key_values is not None else None
-    logits, _ = model(input_ids, caches=caches, logits_to_keep=logits_to_keep)
-    out = CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
-    return out if return_dict is not False else out.to_tuple()
-
 
 class StreamingGenerationMixin(GenerationMixin):
     """``GenerationMixin`` told to let the model make its own cache (``StreamingCache``)
-    instead of a ``DynamicCache``, and which decoding modes that cache supports."""
+    instead of a ``DynamicCache``, and which decoding modes that cache supports. ``generate``
+    checks the length before the first token: prompt + new tokens must fit in block_size."""
     _supported_generation_modes = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE,
                                    GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
+
+    def generate(self, inputs: Optional[Tensor] = None, generation_config=None, **kwargs):
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is not None and prompt.dim() == 2:
+            mask = kwargs.get("attention_mask")
+            longest = int(mask.sum(-1).max()) if mask is not None and mask.dim() == 2 else prompt.shape[1]
+            config = generation_config if generation_config is not None else self.generation_config
+            new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            if new is None:
+                new = kwargs.get("max_length", getattr(config, "max_length", None) or 20) - prompt.shape[1]
+            check_room(self, longest, new)
+        return super().generate(inputs, generation_config, **kwargs)

@@ -10,7 +10,9 @@ relatively (``from .bias import Bias``). ``write_code`` follows the imports of `
 root's imports made relative (``from modeling.attention`` -> ``from .attention``,
 ``from grape`` -> ``from .grape``); the modules themselves stay the single source.
 ``complete_folder`` adds the GPT-2 tokenizer, built offline from the local BPE files, so
-``AutoTokenizer``, ``pipeline`` and lm_eval's ``hf`` model work on the folder too.
+``AutoTokenizer``, ``pipeline`` and lm_eval's ``hf`` model work on the folder too, and a model
+card (README.md) with the Hub's metadata and the run's facts. A model loaded from a folder as
+remote code and saved again brings that folder's tokenizer and card along.
 
 transformers checks, before running remote code, that every package a shipped file imports is
 installed; it skips imports inside ``try`` blocks, so optional packages (triton) are imported
@@ -24,6 +26,11 @@ import importlib.util
 import json
 import os
 import re
+
+# The oldest transformers release a checkpoint folder opens with (configs are dataclasses from
+# 5.4 on). model.py checks it before anything else; tests/test_transformers_versions.py runs a
+# folder under it, the pinned release and the newest one.
+MIN_TRANSFORMERS = "5.4.0"
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))        # modeling/
 ROOT = os.path.dirname(PACKAGE_DIR)                             # the repository
@@ -140,21 +147,132 @@ def gpt2_bpe_files() -> tuple[str, str]:
 
 def gpt2_hf_tokenizer(model_max_length: int = 1024):
     """GPT-2's BPE as a transformers ``GPT2Tokenizer`` (Rust ``tokenizers`` backend), with
-    ``<|endoftext|>`` as bos/eos/unk, as in GPT-2's own checkpoints."""
+    ``<|endoftext|>`` as bos/eos/unk, as in GPT-2's own checkpoints, and as the pad token,
+    padding on the left: batched prompts then generate (``pipeline(..., batch_size=8)``), the
+    model masking the pads (``padding.py``)."""
     from transformers import GPT2Tokenizer
     bpe, enc = gpt2_bpe_files()
     with open(enc, encoding="utf-8") as f:
         vocab = json.load(f)
     with open(bpe, encoding="utf-8") as f:
         merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version"
-    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token="<|endoftext|>",
+                         padding_side="left")
 
 
-def complete_folder(model, folder: str) -> None:
-    """Add the modelling code and the GPT-2 tokenizer to a folder ``model.save_pretrained``
-    wrote (config.json already carries ``auto_map``, see ``model.GPTConfig``). Loaded as remote
-    code, transformers has just copied the code itself, so nothing is added."""
-    if not IN_REPOSITORY:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def complete_folder(model, folder: str, run_facts: dict | None = None) -> None:
+    """Add what ``model.save_pretrained`` does not write (config.json already carries
+    ``auto_map``, see ``model.GPTConfig``): from the repository, the modelling code, the GPT-2
+    tokenizer and a model card; loaded as remote code (transformers has just copied the code
+    itself), the tokenizer and card of the folder the model came from."""
+    if IN_REPOSITORY:
+        write_code(folder, type(model).__module__)
+        gpt2_hf_tokenizer(model_max_length=model.config.block_size).save_pretrained(folder)
+        write_text(os.path.join(folder, "README.md"), model_card(model, run_facts))
         return
-    write_code(folder, type(model).__module__)
-    gpt2_hf_tokenizer(model_max_length=model.config.block_size).save_pretrained(folder)
+    source = getattr(model, "name_or_path", "") or ""
+    for name in (*TOKENIZER_FILES, "README.md"):
+        copied = fetch_file(source, name)
+        if copied is not None and not os.path.exists(os.path.join(folder, name)):
+            with open(copied, "rb") as src, open(os.path.join(folder, name), "wb") as dst:
+                dst.write(src.read())
+    if not os.path.exists(os.path.join(folder, "README.md")):
+        write_text(os.path.join(folder, "README.md"), model_card(model, run_facts))
+
+
+def fetch_file(source: str, name: str) -> str | None:
+    """``name`` of the folder or Hub repository a model was loaded from, or None."""
+    if not source:
+        return None
+    if os.path.isdir(source):
+        path = os.path.join(source, name)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(source, name)
+    except Exception:                           # not on the Hub, offline, or no such file
+        return None
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------------------
+# The model card
+# ----------------------------------------------------------------------------------------
+
+# the training datasets this repository prepares, by their Hub names (the card's metadata)
+HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "openwebtext": "Skylion007/openwebtext"}
+MODEL_FACTS = ("pos_encoding", "n_layer", "n_head", "n_embd", "head_dim", "block_size", "vocab_size", "p_head_dim",
+               "p_tie_mode", "use_k_shift", "use_v_shift", "use_qk_rmsnorm", "grid")
+
+
+def hub_dataset(dataset: str | None) -> str | None:
+    for key, name in HUB_DATASETS.items():
+        if dataset and key in dataset:
+            return name
+    return None
+
+
+def model_card(model, run_facts: dict | None = None) -> str:
+    """README.md for a checkpoint folder: the Hub's metadata (library, pipeline tag, license,
+    datasets) and what is known of the run (encoding, parameters, tokens seen, validation loss,
+    config, how to load). ``run_facts``: iteration, tokens, val_loss, best_val_loss, dataset."""
+    facts, c = dict(run_facts or {}), model.config
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    dataset = facts.get("dataset")
+    meta = ["library_name: transformers", "pipeline_tag: text-generation", "license: apache-2.0"]
+    if hub_dataset(dataset):
+        meta += ["datasets:", f"- {hub_dataset(dataset)}"]
+    meta += ["tags:", "- grape", "- positional-encoding", f"- {c.pos_encoding}"]
+    shift = " with KV-shift" if c.use_k_shift or c.use_v_shift else ""
+    rows = [("positional encoding", f"`{c.pos_encoding}`{shift}"), ("parameters", f"{n_params:,}"),
+            ("layers / heads / width", f"{c.n_layer} / {c.n_head} / {c.n_embd}"),
+            ("context (block_size)", f"{c.block_size}")]
+    unknown = "not recorded (saved outside a training run)"
+    rows.append(("tokens seen", f"{facts['tokens']:,} (iteration {facts.get('iteration', '?')})"
+                 if facts.get("tokens") is not None else unknown))
+    for key, label in (("val_loss", "validation loss"), ("best_val_loss", "best validation loss")):
+        if facts.get(key) is not None:
+            rows.append((label, f"{facts[key]:.4f}"))
+    rows.append(("training data", f"`{dataset}`" if dataset else unknown))
+    config = {k: getattr(c, k, None) for k in MODEL_FACTS}
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+{chr(10).join(meta)}
+---
+
+# GRAPE language model: `{c.pos_encoding}`
+
+A LLaMA-style decoder trained with the GRAPE repository (*Group Representational Position Encoding*,
+arXiv:2512.07805), whose models differ only in their positional encoding.
+
+| | |
+| --- | --- |
+{table}
+
+## How to load
+
+The folder carries its modelling code (transformers >= {MIN_TRANSFORMERS}; run it with `trust_remote_code=True`)
+and the GPT-2 tokenizer:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>", trust_remote_code=True)
+print(tokenizer.decode(model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=40)[0]))
+```
+
+`from_pretrained(..., block_size=N)` evaluates beyond the training context.
+
+## Model config
+
+```json
+{json.dumps(config, indent=1)}
+```
+"""

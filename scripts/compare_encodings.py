@@ -183,12 +183,11 @@ def write_json(path: str, obj: dict) -> None:
 
 def checkpoint_iter(out_dir: str) -> int | None:
     """The iteration of out_dir's checkpoint, None without one (read without loading weights)."""
-    from training.checkpoint import CKPT_NAME
+    from training.checkpoint import CKPT_NAME, read_checkpoint_file
     path = os.path.join(out_dir, CKPT_NAME)
     if not os.path.exists(path):
         return None
-    import torch
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["iter_num"])
+    return int(read_checkpoint_file(path)["iter_num"])        # weights_only: runs nothing from the file
 
 
 def last_val_iter(out_dir: str) -> int | None:
@@ -475,4 +474,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.checkpoint import CheckpointError
+    try:
+        sys.exit(main())
+    except CheckpointError as e:          # the message names the file
+        sys.exit(f"error: {e}")

@@ -50,19 +50,22 @@ def run_without_repository(tmp_path_factory):
     """``run(script, *args)`` runs Python code in a fresh process that cannot import this
     repository (working directory elsewhere, the repository off PYTHONPATH; the script itself
     asserts that ``import model`` fails), offline, with its own transformers module cache and
-    stdin closed. Returns the CompletedProcess; a non-zero exit fails the test with its output."""
+    stdin closed; ``env`` adds variables (e.g. PYTHONPATH to another transformers release).
+    Returns the CompletedProcess; a non-zero exit fails the test with its output."""
     work = tmp_path_factory.mktemp("without_repository")
     scripts = []
 
-    def run(script: str, *args: str, timeout: float = 600):
+    def run(script: str, *args: str, timeout: float = 600, env: dict | None = None):
         path = work / f"script_{len(scripts)}.py"
         scripts.append(path)
         path.write_text(_NO_REPOSITORY_CHECK + script)
+        extra = dict(env or {})
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            p for p in [extra.pop("PYTHONPATH", ""), *env.get("PYTHONPATH", "").split(os.pathsep)]
             if p and os.path.realpath(p) != os.path.realpath(ROOT))
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(work / "hf_modules"))
+        env.update(extra)
         result = subprocess.run([sys.executable, str(path), *args], cwd=work, env=env, stdin=subprocess.DEVNULL,
                                 capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"

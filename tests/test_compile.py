@@ -57,7 +57,7 @@ def first_bias(name: str):
     running attention: the backend a compiled model reaches depends on it."""
     seen = []
 
-    def probe(q, k, v, bias=None, backend="auto"):
+    def probe(q, k, v, bias=None, backend="auto", key_padding=None):
         seen.append(bias)
         raise _Probed
 

@@ -268,8 +268,8 @@ def test_transformers_generate_rejects_what_it_cannot_do_exactly():
     model = make_model("rope")
     idx = tokens(2, 5)
     mask = torch.ones_like(idx)
-    mask[0, 0] = 0                                              # left padding
-    with pytest.raises(ValueError, match="padding"):
+    mask[0, 2] = 0                                              # a pad between real tokens
+    with pytest.raises(ValueError, match="pad between two real tokens"):
         model.generate(input_ids=idx, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
     with pytest.raises(ValueError, match="block_size"):
         model.generate(input_ids=idx, max_new_tokens=BLOCK)

@@ -233,15 +233,16 @@ def test_text_generation_pipeline_writes_the_greedy_continuation(saved):
 
 def test_shipped_code_needs_only_torch_and_transformers(tmp_path):
     """transformers' own import check (which a Hub download runs on every shipped file) must
-    find nothing beyond torch, transformers and the standard library; triton stays optional."""
+    find nothing beyond torch, transformers (with huggingface_hub and safetensors, which it
+    requires) and the standard library; triton stays optional."""
     files = shipping.write_code(str(tmp_path))
-    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub"}
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub", "safetensors"}
     for name in files:
         assert set(get_imports(str(tmp_path / name))) <= allowed, name
     # the files transformers copies along with model.py are exactly the ones written
     copied = {os.path.basename(f) for f in get_relative_import_files(str(tmp_path / "model.py"))}
     assert copied == set(files) - {"model.py"}
-    assert {"model.py", "grape.py", "attention.py", "generation.py"} <= set(files)
+    assert {"model.py", "grape.py", "attention.py", "generation.py", "padding.py", "hf_forward.py"} <= set(files)
     assert "shipping.py" in files and "tokenizer.py" not in files and "checkpoint.py" not in files
 
 

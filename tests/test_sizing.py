@@ -81,6 +81,20 @@ def test_factor_rejects_an_estimate_missing_its_dominant_part(name):
     assert not 1 / FACTOR <= ratio <= FACTOR, f"{name}: an estimate without its {how} part is still within {FACTOR}"
 
 
+@pytest.mark.parametrize("encoding", ["rope", "grape_ap"])
+def test_activation_checkpointing_estimate_is_within_factor_of_measured_cpu_peak(encoding):
+    """With every block recomputed in backward the activations shrink to the blocks' inputs and
+    one block in flight: the estimate follows the measured peak, which is less than half of what
+    training without checkpointing takes (its estimate, checked against measurements above;
+    4 layers, so that the activations dominate)."""
+    config = GPTConfig(**{**BASE, "n_layer": 4, "pos_encoding": encoding})
+    est = sizing.estimate(config, 4, device_type="cpu", autocast=None, compiled=False, activation_checkpointing=True)
+    got = sizing.measure_peak(config, 4, activation_checkpointing=True)
+    assert 1 / FACTOR <= got / est.peak <= FACTOR, f"measured {got / 2**20:.1f} MiB, estimated {est.peak / 2**20:.1f}"
+    plain = sizing.estimate(config, 4, device_type="cpu", autocast=None, compiled=False)
+    assert got < 0.5 * plain.peak                             # so an estimate that ignored it would be far off
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_estimate_is_within_factor_of_measured_cuda_peak(compiled):
@@ -168,3 +182,17 @@ def test_paper_configs_on_an_h100(capsys):
         assert est.tokens_per_step == 480 * 4096
     text = capsys.readouterr().out
     assert text.count("fits NVIDIA H100") == 2
+    # the paper's 20 x 4096 per GPU does not fit 80 GB as it is; with activation checkpointing it does
+    assert text.count("does not fit: peak") == 2
+    assert text.count("with --activation_checkpointing=True (each block recomputed in backward, ~1/3 more "
+                      "compute): peak") == 2 and text.count("GiB: fits") == 2
+
+
+def test_dry_run_with_activation_checkpointing_sizes_the_block_inputs(capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = main([os.path.join(root, "config/paper/train_llama_mha_rope_medium_adam_80g8.py"), "--dry_run=True",
+                   "--gpu=8xh100", "--activation_checkpointing=True"])
+    est, text = result["dry_run"], capsys.readouterr().out
+    C, L, tokens = 1024, 24, 20 * 4096
+    assert est.memory[f"activations: {L} block inputs, 20 x 4096 tokens"] == L * tokens * 4 * C
+    assert "? fits:" in text and "x4/3 for the recomputed forward" in text

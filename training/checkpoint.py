@@ -13,6 +13,16 @@ evaluation.
 
 A save interrupted by SIGKILL leaves its temporary (``ckpt.pt.*.tmp``, ``best.pt.*.tmp``,
 ``.pretrained.*/``); ``temporary_paths`` names them so the next run can remove them.
+
+Loading runs no code from the file. A checkpoint is read with ``torch.load(weights_only=True)``:
+tensors and plain containers (dict, list, tuple, str, numbers, None) only; a pickled object whose
+unpickling would call something (``__reduce__``) is refused with one line. So everything a save
+writes is plain: the numpy RNG state, the one piece of the training state that is not, is
+stored as a list (``numpy_rng_state``), and ``save_checkpoint`` checks the whole state before
+writing. Checkpoints written before this (their numpy RNG state is a pickled numpy array) load
+only when the user trusts them: ``trust_pickle=True`` here, ``--trust_checkpoint_pickle=True`` in
+training, or ``GRAPE_TRUST_CHECKPOINT_PICKLE=1`` for every program; unpickling such a file can
+run any code it carries.
 """
 from __future__ import annotations
 
@@ -27,12 +37,15 @@ import zipfile
 from contextlib import contextmanager
 from typing import Optional
 
+import numpy as np
 import torch
 
 from model import GPT, GPTConfig
+from modeling.hf_forward import refused_global
 from training.original_checkpoint import WrongModelType, is_original_folder, load_original
 from training.progress import hf_progress_bars_off, on_terminal
 
+TRUST_PICKLE_ENV = "GRAPE_TRUST_CHECKPOINT_PICKLE"   # =1: load checkpoints that need the full unpickler
 CKPT_NAME = "ckpt.pt"          # the latest checkpoint: what --init_from=resume continues
 BEST_NAME = "best.pt"          # the checkpoint with the lowest validation loss so far
 PRETRAINED_TMP_PREFIX = ".pretrained."
@@ -124,14 +137,15 @@ def atomic_torch_save(obj, path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def stage_pretrained(model, out_dir: str) -> str:
+def stage_pretrained(model, out_dir: str, run_facts: Optional[dict] = None) -> str:
     """``model.save_pretrained`` into a new temporary folder inside ``out_dir`` (files fsync'ed);
-    returns the folder. Nothing is left behind if it fails (DiskFull when the disk filled)."""
+    returns the folder. Nothing is left behind if it fails (DiskFull when the disk filled).
+    ``run_facts`` go into the folder's model card (README.md)."""
     refuse_repository(out_dir)
     tmp = tempfile.mkdtemp(prefix=PRETRAINED_TMP_PREFIX, dir=out_dir)
     try:
         with hf_progress_bars_off():              # no "Writing model shards" bar at every save
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, run_facts=run_facts)
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
@@ -200,12 +214,13 @@ def save_checkpoint(out_dir: str, state: dict, model=None, best: bool = False) -
     temporary name; only then are they renamed into place, so a full disk (DiskFull) or a
     crash while writing leaves the previous ckpt.pt, best.pt and weights as they were, of one
     iteration."""
+    check_plain(state)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, CKPT_NAME)
     staged, pretrained = [], None
     try:
         if model is not None:
-            pretrained = stage_pretrained(model, out_dir)
+            pretrained = stage_pretrained(model, out_dir, run_facts(state))
         staged.append((write_temporary(state, path), path))
         if best:
             staged.append((link_temporary(staged[0][0], os.path.join(out_dir, BEST_NAME)),
@@ -222,6 +237,39 @@ def save_checkpoint(out_dir: str, state: dict, model=None, best: bool = False) -
         commit_pretrained(pretrained, out_dir)
     _fsync_dir(out_dir)
     return path
+
+
+def run_facts(state: dict) -> dict:
+    """What the model card says about the run, from a training checkpoint's state."""
+    config = state.get("config") or {}
+    dataset = config.get("data_dir") or config.get("dataset")
+    return {"iteration": state.get("iter_num"), "tokens": state.get("tokens"), "val_loss": state.get("val_loss"),
+            "best_val_loss": state.get("best_val_loss"), "dataset": dataset}
+
+
+PLAIN_TYPES = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.Size, torch.device)
+
+
+def check_plain(obj, where: str = "state") -> None:
+    """Raise TypeError naming the first value ``torch.load(weights_only=True)`` would refuse:
+    a checkpoint must hold tensors and plain containers only, or no loader could read it."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            check_plain(key, f"{where} key")
+            check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple, set)):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, PLAIN_TYPES) or type(obj).__module__ == "numpy":
+        raise TypeError(f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__name__}; a checkpoint holds "
+                        "tensors and plain Python values only (weights_only loading refuses anything else)")
+
+
+def numpy_rng_state() -> tuple:
+    """numpy's global RNG state with its key array as a list: a plain value a checkpoint can
+    hold (``np.random.set_state`` takes it back as it is)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return (str(name), keys.tolist(), int(pos), int(has_gauss), float(cached))
 
 
 def temporary_paths(out_dir: str) -> list[str]:
@@ -244,18 +292,34 @@ def unreadable(path: str, why: str = "") -> CheckpointError:
     return CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt)" + (f": {why}" if why else ""))
 
 
-def read_checkpoint_file(path: str, map_location="cpu") -> dict:
-    """``torch.load`` a checkpoint file; a truncated or corrupt file raises CheckpointError
-    naming it (torch's own messages leave out the path or give advice about formats)."""
+def trusts_pickle(trust_pickle: bool = False) -> bool:
+    """Whether the caller, or the environment (GRAPE_TRUST_CHECKPOINT_PICKLE=1), trusts checkpoint
+    files enough to unpickle arbitrary objects."""
+    return bool(trust_pickle) or os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def read_checkpoint_file(path: str, map_location="cpu", trust_pickle: bool = False) -> dict:
+    """``torch.load`` a checkpoint file with ``weights_only=True``: tensors and plain values, no
+    code runs. A file that holds other objects is refused with one line (a CheckpointError),
+    unless ``trust_pickle`` (or GRAPE_TRUST_CHECKPOINT_PICKLE=1) allows the full unpickler; a
+    truncated or corrupt file raises CheckpointError naming it."""
     with open(path, "rb"):
         pass                                   # missing or unreadable: the OSError says so
     # torch.save writes a zip archive whose directory is at the end: a cut file has none
     if not zipfile.is_zipfile(path):
         raise unreadable(path, "no zip directory at its end")
+    trusted = trusts_pickle(trust_pickle)
     try:
         # mmap: the ranks of a node share the file's pages instead of each holding a full copy
-        state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        state = torch.load(path, map_location=map_location, weights_only=not trusted, mmap=True)
     except Exception as e:                     # anything torch/pickle raise on damaged content
+        refused = None if trusted else refused_global(e)
+        if refused is not None:
+            raise CheckpointError(
+                f"{path} holds Python objects that loading would run (pickle global {refused}), so it is refused. "
+                f"Checkpoints of this repository written before checkpoints became plain data keep numpy's RNG "
+                f"state that way; if you trust this file, pass --trust_checkpoint_pickle=True (training) or set "
+                f"{TRUST_PICKLE_ENV}=1, knowing that unpickling it can run any code it carries") from None
         raise unreadable(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this repository (it holds a {type(state).__name__})")
@@ -280,26 +344,29 @@ def check_pretrained_folder(folder: str) -> None:
             raise unreadable(weights, str(e)) from None
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def load_checkpoint(path: str, map_location="cpu", trust_pickle: bool = False) -> dict:
     """Load a checkpoint written by ``save_checkpoint`` (folder or file), with a clear error."""
     path = checkpoint_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train with init_from='scratch' first "
                                 "or point resume_dir/out_dir at a folder containing ckpt.pt")
-    state = read_checkpoint_file(path, map_location)
+    state = read_checkpoint_file(path, map_location, trust_pickle)
     for key in ("model", "model_config", "optimizer", "iter_num"):
         if key not in state:
             raise CheckpointError(f"{path} is not a training checkpoint of this repository (no {key!r})")
     return state
 
 
-def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, **overrides) -> GPT:
+def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, trust_pickle: bool = False,
+               **overrides) -> GPT:
     """The model of any checkpoint: a ``save_pretrained`` folder or a training checkpoint file
     (``ckpt.pt``/``best.pt`` with keys ``model`` and ``model_config``; a folder means its
     ``ckpt.pt`` when it has no config.json), of this repository or of the original one
     (``original_checkpoint.py``; ``model_type`` names the original's encoding where its
     parameters do not, e.g. 'llama-mha-rope'). ``overrides`` change config fields that do
-    not change the parameters, e.g. ``block_size`` to evaluate beyond the training context."""
+    not change the parameters, e.g. ``block_size`` to evaluate beyond the training context.
+    Nothing read runs code (``read_checkpoint_file``; weight files through ``hf_forward.read_weights``);
+    ``trust_pickle`` admits the training checkpoints of earlier versions."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         check_pretrained_folder(path)
         if is_original_folder(path):
@@ -315,7 +382,7 @@ def load_model(path: str, map_location="cpu", model_type: Optional[str] = None, 
         path = os.path.join(path, CKPT_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path} (expected a save_pretrained folder or ckpt.pt)")
-    ckpt = read_checkpoint_file(path, map_location)
+    ckpt = read_checkpoint_file(path, map_location, trust_pickle)
     if "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint of this repository (needs 'model' and 'model_config')")
     with cannot_build(path):

@@ -27,6 +27,7 @@ SAVED_NAMES = {"config.json", "generation_config.json", "model.safetensors", "mo
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                "added_tokens.json", "chat_template.jinja"}
 RUN_NAMES = {CKPT_NAME, BEST_NAME, LOG_NAME, LOCK_NAME, "wandb"} | SAVED_NAMES
+CARD_NAME = "README.md"               # the model card save_pretrained writes (modeling/shipping.py)
 SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors$")
 TEMPORARY_NAME = re.compile(rf"^(({re.escape(CKPT_NAME)}|{re.escape(BEST_NAME)})\..*\.tmp"
                             rf"|{re.escape(PRETRAINED_TMP_PREFIX)}.*|{re.escape(REPLACED_PREFIX)}.*)$")
@@ -75,7 +76,9 @@ def written_by_this_repository(config_path: str) -> bool:
 def is_run_entry(out_dir: str, name: str, code_names: frozenset[str]) -> bool:
     if name in RUN_NAMES or SHARD_NAME.match(name) or TEMPORARY_NAME.match(name):
         return True
-    return name in code_names and written_by_this_repository(os.path.join(out_dir, "config.json"))
+    # the code files and the model card (README.md) are a run's only beside its config.json
+    return (name in code_names or name == CARD_NAME) and written_by_this_repository(
+        os.path.join(out_dir, "config.json"))
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,6 +26,7 @@ TRAIN_DEFAULTS = dict(
     eval_iters=200,               # validation batches per evaluation
     eval_only=False,
     always_save_checkpoint=True,  # else only when the validation loss improves
+    trust_checkpoint_pickle=False,  # resume from a checkpoint of an earlier version (unpickling it can run code)
     progress=True,                # tqdm bar when stderr is a terminal
     # wandb
     wandb_log=False,
@@ -65,6 +66,7 @@ TRAIN_DEFAULTS = dict(
     device="auto",                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype="bfloat16",             # autocast dtype on GPU: 'bfloat16', 'float16' (GradScaler) or 'float32'; CPU trains in float32
     compile=True,                 # torch.compile the model
+    activation_checkpointing=False,  # recompute each block in backward: ~1/10 of the activation memory, ~1/3 more compute
     backend="auto",               # DDP backend: 'nccl' on GPU, 'gloo' on CPU
     deterministic=False,          # deterministic kernels
     bitwise_deterministic=False,  # + no compile, no TF32, SDPA math kernel: exact repeats on the same hardware

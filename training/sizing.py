@@ -19,7 +19,10 @@ Per GPU, with N parameters (the tied embedding counted once), micro-batch B x T 
     weight copies    2N'  eager autocast only: the half-precision copy of each matmul weight
                           (N' parameters), kept from the forward to that layer's backward
     activations      B·T · n_layer · layer_bytes_per_token, + what the encoding keeps
-                          (traced on the meta device), + the (B, H, T, T) tensors of the dense backend
+                          (traced on the meta device), + the (B, H, T, T) tensors of the dense backend;
+                          with activation checkpointing (--activation_checkpointing=True) each
+                          block keeps only its float32 input, B·T · n_layer · 4C, and one block's
+                          activations exist at a time, recomputed in its backward
     logits and loss  B·T · 12·vocab at the start of the backward, or, if larger, the
                           temporaries of the attention backward of one layer
     (tiny micro-batches: the gradients and the tied embedding's two gradients, 4N + 8·vocab·C,
@@ -224,9 +227,10 @@ def backend_for(model_config, bias, device_type: str, T: int) -> str:
 
 def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: int = 1,
              device_type: str = "cuda", autocast: Optional[str] = "bfloat16", compiled: bool = True,
-             model=None) -> Estimate:
+             model=None, activation_checkpointing: bool = False) -> Estimate:
     """Peak memory per device of training ``model_config`` with micro-batch ``batch_size``.
-    ``autocast``: 'bfloat16' / 'float16' (mixed precision, float32 weights) or None (float32)."""
+    ``autocast``: 'bfloat16' / 'float16' (mixed precision, float32 weights) or None (float32).
+    ``activation_checkpointing``: blocks keep their input only and recompute the rest in backward."""
     c = model_config
     model = model if model is not None else meta_model(c)
     N = model.num_parameters_unique()
@@ -241,20 +245,25 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
     enc_bytes, bias = encoding_trace(model, B, T)
     backend = backend_for(c, bias, device_type, T)
 
-    layers = B * T * L * layer_bytes_per_token(C, F, act, compiled, c.use_qk_rmsnorm, n_shift) + L * enc_bytes
+    layer = B * T * layer_bytes_per_token(C, F, act, compiled, c.use_qk_rmsnorm, n_shift) + enc_bytes
     head = B * T * head_bytes_per_token(C, V, act)
     # the layer in flight in the backward needs temporaries; they come after the head's are gone
     transient, transient_per_sample = 0, 0
     if backend == "dense":
         kept, temp = dense_bytes_per_score(bias_kind(bias), act)
         scores = B * c.n_head * T * T
-        layers += L * kept * scores
+        layer += kept * scores
         transient = transient_per_sample = temp * scores
     elif backend == "chunked" and bias_kind(bias) == "path_integral":
         # its backward: float32 copies and gradients of q, k, v (~8 (B, T, C) buffers) and
         # three (B, H, block, T) float32 block temporaries
         block = min(T, query_block(B, c.n_head, T))
         transient = 8 * 4 * B * T * C + 3 * 4 * B * c.n_head * block * T
+    layers = L * layer
+    if activation_checkpointing:
+        # kept: every block's float32 input; in flight: one block recomputed, with its temporaries
+        layers = L * B * T * 4 * C
+        transient, transient_per_sample = layer + transient, layer + transient_per_sample
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     copies = 2 * matmul_params if (half and not compiled) else 0
 
@@ -271,9 +280,14 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
     if accumulation > 1 or in_flight >= end_of_backward:
         if copies:
             memory["half-precision weight copies"] = copies
-        memory[f"activations of {L} layers, {B} x {T} tokens"] = layers
+        if activation_checkpointing:
+            memory[f"activations: {L} block inputs, {B} x {T} tokens"] = layers
+        else:
+            memory[f"activations of {L} layers, {B} x {T} tokens"] = layers
         if head >= transient:
             memory["logits and loss (3 float32 tokens x vocab arrays: log-softmax, 2 gradients)"] = head
+        elif activation_checkpointing:
+            memory["one block recomputed, with its temporaries"] = transient
         else:
             memory[f"{backend} attention temporaries of one layer"] = transient
     else:                                   # a tiny micro-batch: the gradients make the peak
@@ -418,7 +432,10 @@ def report(cfg, est: Estimate, target: Target) -> str:
         peak = peak_flops(target.name)
         if peak:
             step = est.flops_per_token * B * T * accum / (ASSUMED_MFU * peak)
-            lines.append(f"  time per iteration  {step:.2f} s at an assumed {ASSUMED_MFU:.0%} MFU "
+            recompute = ""
+            if cfg.get("activation_checkpointing"):       # the forward runs twice: 8N instead of 6N
+                step, recompute = step * 4 / 3, ", x4/3 for the recomputed forward"
+            lines.append(f"  time per iteration  {step:.2f} s at an assumed {ASSUMED_MFU:.0%} MFU{recompute} "
                          f"({cfg['max_iters']} iterations: {step * cfg['max_iters'] / 3600:.1f} h)")
     return "\n".join(lines)
 
@@ -432,10 +449,24 @@ def dry_run(cfg) -> tuple[str, Estimate, Target]:
     model_config = GPTConfig(**{k: cfg[k] for k in model_fields()})
     target = find_target(cfg)
     autocast = cfg["dtype"] if target.device_type == "cuda" and cfg["dtype"] != "float32" else None
-    est = estimate(model_config, cfg["batch_size"], cfg["gradient_accumulation_steps"], target.world_size,
-                   device_type=target.device_type, autocast=autocast,
+    options = dict(device_type=target.device_type, autocast=autocast,
                    compiled=bool(cfg["compile"]) and not cfg.get("bitwise_deterministic", False))
-    return report(cfg, est, target), est, target
+    est = estimate(model_config, cfg["batch_size"], cfg["gradient_accumulation_steps"], target.world_size,
+                   activation_checkpointing=bool(cfg.get("activation_checkpointing")), **options)
+    text = report(cfg, est, target)
+    if not cfg.get("activation_checkpointing") and target.memory is not None:
+        checkpointed = estimate(model_config, cfg["batch_size"], cfg["gradient_accumulation_steps"],
+                                target.world_size, activation_checkpointing=True, **options)
+        text += "\n" + checkpointing_line(checkpointed, target, cfg["batch_size"])
+    return text, est, target
+
+
+def checkpointing_line(est: Estimate, target: Target, batch_size: int) -> str:
+    """What --activation_checkpointing=True would change: its peak, and whether it fits."""
+    word, advice = verdict(est, target, batch_size)
+    line = (f"  with --activation_checkpointing=True (each block recomputed in backward, ~1/3 more compute): "
+            f"peak {est.peak / GIB:.2f} GiB: {word}")
+    return line + (f"; {advice}" if advice else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -443,7 +474,8 @@ def dry_run(cfg) -> tuple[str, Estimate, Target]:
 # ----------------------------------------------------------------------------------------
 
 def measure_peak(model_config, batch_size: int, accumulation: int = 1, autocast: Optional[str] = None,
-                 compiled: bool = False, device: str = "cpu", seed: int = 0) -> int:
+                 compiled: bool = False, device: str = "cpu", seed: int = 0,
+                 activation_checkpointing: bool = False) -> int:
     """Peak bytes held by torch's allocator during one training step as
     train_adam_finewebedu.py takes it (micro-steps under autocast, backward, clipping, fused
     AdamW, zero_grad(set_to_none=True)), after a warm-up step that compiles and creates the
@@ -454,6 +486,7 @@ def measure_peak(model_config, batch_size: int, accumulation: int = 1, autocast:
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = GPT(model_config).to(dev)
+    model.set_activation_checkpointing(activation_checkpointing)
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.01), lr=1e-4, fused=True)
     run = torch.compile(model) if compiled else model
     V, T = model_config.vocab_size, model_config.block_size

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT
 from training.backend_check import check_backends
 from training.checkpoint import (CKPT_NAME, CheckpointError, DiskFull, clean_state_dict, free_bytes, load_checkpoint,
-                                 save_checkpoint)
+                                 numpy_rng_state, save_checkpoint)
 from training.configurator import ConfigError, model_fields
 from training.dataloader import TokenBatches
 from training.divergence import (Divergence, NonFiniteWatch, Recovery, TrainingDiverged, check_validation_loss,
@@ -160,7 +160,7 @@ def rank_state(train_batches: TokenBatches) -> dict:
     return {
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy_rng": np.random.get_state(),
+        "numpy_rng": numpy_rng_state(),            # plain values: checkpoints load without unpickling code
         "python_rng": random.getstate(),
         "data": train_batches.state_dict(),
     }
@@ -253,10 +253,11 @@ class Trainer:
         ckpt = None
         if resuming:
             self.resume_path = checkpoint_to_resume(self.resume_from)
-            ckpt = load_checkpoint(self.resume_path, map_location="cpu")
+            ckpt = load_checkpoint(self.resume_path, map_location="cpu", trust_pickle=cfg.trust_checkpoint_pickle)
             check_resumable(cfg, ckpt, rt.world, self.resume_path)
         where = self.resume_path if resuming else self.resume_from
         self.raw_model = model_for(cfg, explicit, ckpt, where).to(rt.device)
+        self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
         cfg.weight_decay_on = weight_decay_groups_of(cfg, explicit, ckpt, where)
         groups = self.raw_model.optimizer_groups(cfg.weight_decay, cfg.weight_decay_on)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
@@ -475,6 +476,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
+            "val_loss": self.val_loss,
             "tokens": self.iter_num * self.tokens_per_iter,
             "config": dict(self.cfg),
             "world_size": self.rt.world,
@@ -522,7 +524,8 @@ class Trainer:
 
     def roll_back(self, event: Divergence) -> None:
         """Back to the last checkpoint; skip the batches of the iterations since; lower the lr."""
-        self.restore(load_checkpoint(self.last_good, map_location="cpu"), self.last_good)
+        self.restore(load_checkpoint(self.last_good, map_location="cpu", trust_pickle=self.cfg.trust_checkpoint_pickle),
+                     self.last_good)
         skipped = self.recovery.roll_back(event.iter, self.iter_num, self.cfg.rollback_lr_factor)
         if not self.stateless:
             self.train_batches.skip(skipped * self.cfg.gradient_accumulation_steps)
