@@ -37,7 +37,7 @@ from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
 from grape import GRID_ENCODINGS, build_encoding, check_encoding_name  # noqa: E402
 from modeling.attention import attend, backend_choices  # noqa: E402
 from modeling.cache import LayerCache  # noqa: E402
-from modeling.generation import StreamingGenerationMixin, check_length, sample  # noqa: E402
+from modeling.generation import StreamingGenerationMixin, check_length, cpu_threads, sample, threads_for  # noqa: E402
 from modeling.hf_forward import base_forward, causal_lm_forward, read_weights  # noqa: E402
 from modeling.padding import Layout  # noqa: E402
 
@@ -582,26 +582,32 @@ class GPT(GPTPreTrainedModel, StreamingGenerationMixin):
 
     @torch.no_grad()
     def generate(self, idx: Optional[Tensor] = None, max_new_tokens: Optional[int] = None,
-                 temperature: float = 1.0, top_k: Optional[int] = None, **hf_kwargs):
+                 temperature: float = 1.0, top_k: Optional[int] = None, threads: Optional[int] = None,
+                 **hf_kwargs):
         """nanoGPT: ``generate(idx, max_new_tokens, temperature=1.0, top_k=None)`` samples
         ``max_new_tokens`` tokens after the prompts ``idx`` (B, T) (equal lengths), prefilling
         once and then decoding from the KV cache; ``temperature=0`` is greedy.
         Raises ValueError when prompt + new tokens would exceed ``block_size``: the cache
         cannot slide, because several encodings carry absolute or cumulative state.
+        ``threads``: CPU threads while decoding (None or 0: ``generation.decoding_threads``,
+        1 for small models); the caller's thread count is restored afterwards.
 
         Any other argument (``input_ids=``, ``do_sample=``, ``num_beams=``, ``attention_mask=``,
         ``generation_config=``...) calls transformers' ``GenerationMixin.generate`` instead
         (greedy, sampling and beam search, padded batches; not assisted decoding), after the
         same check of the length."""
-        if hf_kwargs or idx is None or max_new_tokens is None:
-            if max_new_tokens is not None:
-                hf_kwargs["max_new_tokens"] = max_new_tokens
-            if temperature != 1.0:
-                hf_kwargs["temperature"] = temperature
-            if top_k is not None:
-                hf_kwargs["top_k"] = top_k
-            return StreamingGenerationMixin.generate(self, idx, **hf_kwargs)
-        return sample(self, idx, max_new_tokens, temperature, top_k)
+        prompt = idx if idx is not None else hf_kwargs.get("input_ids")
+        n_threads = threads_for(self, prompt, threads) if prompt is not None else None
+        with cpu_threads(n_threads):
+            if hf_kwargs or idx is None or max_new_tokens is None:
+                if max_new_tokens is not None:
+                    hf_kwargs["max_new_tokens"] = max_new_tokens
+                if temperature != 1.0:
+                    hf_kwargs["temperature"] = temperature
+                if top_k is not None:
+                    hf_kwargs["top_k"] = top_k
+                return StreamingGenerationMixin.generate(self, idx, **hf_kwargs)
+            return sample(self, idx, max_new_tokens, temperature, top_k)
 
     # -- training helpers ------------------------------------------------------------
     def num_parameters_unique(self, exclude_embeddings: bool = False) -> int:

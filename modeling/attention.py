@@ -20,7 +20,8 @@ Tq of the Tk key positions (Tq == Tk in training; Tq < Tk while decoding with a 
   for tiny shapes.
 - ``sdpa``: ``F.scaled_dot_product_attention`` (FlashAttention on GPU) when there is no bias.
 - ``chunked`` (chunked.py): plain PyTorch, linear memory, any device, any Bias;
-  the CPU training path for every additive bias.
+  the CPU training path for every additive bias (GRAPE-AP's through the fused C++ kernel
+  of grape_ap_cpu.py where it is built).
 - ``flex`` (flex.py): ``flex_attention`` with the bias's ``score_mod`` (GPU).
 - ``triton`` (grape_ap_triton.py): the GRAPE-AP kernel (GPU, or ``TRITON_INTERPRET=1``).
 Backends that cannot serve a case (flex with a bias that has no score_mod, decoding with

@@ -21,33 +21,39 @@ the near keys that carry the weight. The keys are cut into n_kb blocks (as many 
 zero padding the kernel needs anyway, at least 4), each with its own reference: its first
 position c_β and that key's cumulative sum ρ_β. With β the block of key j,
 
-    b(t, j) = sq_t · (j - c_β)  +  A_β(t) · 1  +  1 · C_j  -  (t - c) · sk_j,
-    A_β(t) = -(t - c_β) sq_t + cq_t - ρ_β,      C_j = (j - c) sk_j - (ck_j - ρ_β),
+    b(t, j) = sq_t · (j - c_β)  +  A_β(t) · 1  -  (t - c_β) · sk_j  +  1 · C_j,
+    A_β(t) = -(t - c_β) sq_t + cq_t - ρ_β,      C_j = (j - c_β) sk_j - (ck_j - ρ_β),
 
-where the term A_β(t) sits in n_kb query columns, one per block, facing one-hot key columns
-(1 on the keys of block β). A visible key j ≤ t meets only its own block's A_β(t), whose
-references come from positions ≤ j; the other blocks' columns (future ones included) meet
-exact zeros. c is the middle key's position: a number fixed by the length, never a token's
-value. Precision: the dot product rounds at the size of its terms, about |sq|·(block length)
-or the range of FoX's sums over a block for the near keys (|sk|·T/2 for the sk term), where
-the dense path rounds each b(t, j) on its own. Largest float32 output error against a float64
-dense reference at T = 4096 (B = 1, H = 4, D = 64, v ~ N(0, 1); parameters at init / all
-perturbed; ``python -m scripts.bench_attention --precision --T 4096``):
+where A_β(t) and -(t - c_β) sit in n_kb query columns each, one per block, facing the key
+columns 1[j ∈ β] and sk_j·1[j ∈ β]. A visible key j ≤ t meets only its own block's columns,
+whose references come from positions ≤ j; the other blocks' columns (future ones included)
+meet exact zeros. Precision: the dot product rounds at the size of its terms, about
+|sq|·(block length), |sk|·(t - c_β) or the range of FoX's sums over a block for the near keys
+that carry the weight, where the dense path rounds each b(t, j) on its own. Largest float32
+output error against a float64 dense reference at T = 2048, with the encodings of
+tests/test_attention_backends.py::test_fast_paths_stay_precise_at_long_length:
 
-    ALiBi 1.0e-5, FoX 3.2e-5 / 1.9e-4, GRAPE-A-q 4.7e-6 / 5.5e-6,
-    GRAPE-A-k 2.6e-5 / 3.3e-5, GRAPE-A-qk 3.1e-5 / 3.5e-5   (dense float32: ~1e-6)
+    ALiBi 5.4e-6, FoX 4.2e-5, GRAPE-A-q 3.0e-6, GRAPE-A-k 5.0e-6, GRAPE-A-qk 4.5e-6
+    (dense float32: ~1e-6)
 
-(with one reference at the middle key, before the key blocks: ALiBi 2.1e-5, FoX 1.7e-4 /
-7.4e-4, GRAPE-A-q 1.8e-5, GRAPE-A-qk 5.5e-5 / 3.6e-5). All far below bf16 resolution.
+(with one reference at the middle key for every column: ALiBi 9e-6, FoX 1.8e-4, GRAPE-A-q
+1.1e-5, GRAPE-A-qk 2.1e-5; with key blocks for sq only and the middle key for sk: GRAPE-A-k
+1.1e-5, GRAPE-A-qk 1.6e-5). All far below bf16 resolution. The sk columns cost no time the
+flash kernel shows (its widths 72 and 80 ran alike).
 
 PathIntegralBias (GRAPE-AP): b(t, j) = Σ_{j<ℓ≤t} ψ(t, ℓ) is a per-row suffix sum, not low
-rank. Queries go in blocks; each block sees its visible keys in *reverse* order, where the
-suffix sum becomes a plain prefix ``cumsum`` that starts at the diagonal (accurate for the
-near keys that matter, no flips of big tensors). ψ of the keys after a query is zeroed before
-the cumsum, so they add exact zeros (float32 error at T = 4096 as above: 1.4e-6 / 1.5e-6,
-against 6.9e-6 / 1.8e-5 when they entered the sum). A custom autograd Function keeps only
-q, k, v, p, r, the output and a logsumexp per row, and recomputes each block in backward
-(flash-attention style), with dψ(t, ℓ) = Σ_{j<ℓ} dS(t, j) as the matching cumsum.
+rank. On CPU in eager mode the fused C++ kernel of grape_ap_cpu.py computes it (the training
+path); the tensor-op path here computes the same function where the kernel does not run
+(torch.compile, other devices, no C++ compiler). Queries go in blocks; each block sees its
+visible keys in *reverse* order, where the suffix sum becomes a plain prefix ``cumsum`` that
+starts at the diagonal (accurate for the near keys that matter, no flips of big tensors). ψ of
+the keys after a query is zeroed before the cumsum, so they add exact zeros (float32 error at
+T = 4096, parameters at init / perturbed: 1.4e-6 / 1.5e-6, against 6.9e-6 / 1.8e-5 when they
+entered the sum). A custom autograd Function keeps only q, k, v, p, r and the output, and
+recomputes each block in backward (flash-attention style: the same code gives the same
+probabilities bit for bit, so no logsumexp is kept), with dψ(t, ℓ) = Σ_{j<ℓ} dS(t, j) as the
+matching cumsum. Where the time goes, and why the block code looks as it does (preallocated
+buffers, log(sigmoid), torch's softmax kernel): results/BENCHMARKS.md "Attention (CPU)".
 Dynamo traces the Function's forward and backward into a compiled graph as they are (plain
 tensor code), so it needs no torch.library custom op (tests/test_compile.py).
 """
@@ -88,7 +94,8 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, bias, block: Optional[int
     return tiled_attention(q, k, v, bias, block)
 
 
-BLOCK_ELEMENTS = 1 << 23      # (B, H, block, Tk) float32 temporaries of ~32 MiB each
+BLOCK_ELEMENTS = 1 << 21      # (B, H, block, Tk) float32 temporaries of ~8 MiB each: they stay in
+                              # cache; 32 MiB ones ran GRAPE-AP's tensor-op path 1.2-2.5x slower
 
 
 def query_block(batch: int, n_heads: int, n_keys: int) -> int:
@@ -128,11 +135,11 @@ def _tile(qb: Tensor, kb: Tensor, vb: Tensor, bias: Bias, s0: int, s1: int) -> T
 MIN_KEY_BLOCKS = 4
 
 
-def key_blocks(n_keys: int, other_columns: int, head_dim: int) -> int:
-    """Number of key blocks: at least MIN_KEY_BLOCKS, more while they fit in the padding to a
-    multiple of 8 columns; at most one per key."""
-    width = -(-(head_dim + other_columns + MIN_KEY_BLOCKS) // 8) * 8
-    return max(1, min(n_keys, width - head_dim - other_columns))
+def key_blocks(n_keys: int, other_columns: int, head_dim: int, columns_per_block: int = 1) -> int:
+    """Number of key blocks: at least MIN_KEY_BLOCKS, more while their columns fit in the
+    padding to a multiple of 8 columns; at most one per key."""
+    width = -(-(head_dim + other_columns + columns_per_block * MIN_KEY_BLOCKS) // 8) * 8
+    return max(1, min(n_keys, (width - head_dim - other_columns) // columns_per_block))
 
 
 def separable_columns(bias: SeparableBias, batch: int, n_heads: int, head_dim: int):
@@ -143,31 +150,31 @@ def separable_columns(bias: SeparableBias, batch: int, n_heads: int, head_dim: i
     sk = None if bias.slope_k is None else bias.slope_k.float().expand(shape_k)
     cq = None if bias.cum_q is None else bias.cum_q.float()
     ck = None if bias.cum_k is None else bias.cum_k.float()
-    per_block = sq is not None or cq is not None       # A_β(t) exists
-    key_const = sk is not None or cq is not None       # C_j exists
-    other = (sq is not None) + (sk is not None) + key_const
-    length = -(-Tk // (key_blocks(Tk, other, head_dim) if per_block else 1))    # keys per block
+    with_a = sq is not None or cq is not None           # A_β(t) exists
+    key_const = sk is not None or cq is not None        # C_j exists
+    per_block = with_a + (sk is not None)               # column sets with one column per key block
+    other = (sq is not None) + key_const
+    length = -(-Tk // (key_blocks(Tk, other, head_dim, per_block) if per_block else 1))    # keys per block
     n_blocks = -(-Tk // length)
     key_idx = torch.arange(Tk, device=device)
     starts = torch.arange(0, Tk, length, device=device)         # first key of each block
     t_idx = torch.arange(Tk - Tq, Tk, device=device)             # query t as a key index
-    centre = Tk // 2                                             # the sk term's global centre
+    one_hot = (key_idx[:, None] // length == torch.arange(n_blocks, device=device)).float()
     rho = None if ck is None else ck[..., starts].detach()      # (B, H, n_blocks): cancels exactly
     cols = []                                                    # (query column, key column) pairs
     if sq is not None:
         cols.append((sq[..., None], (key_idx % length).float().expand(shape_k)[..., None]))
     if sk is not None:
-        cols.append((-(t_idx - centre).float().expand(shape_q)[..., None], sk[..., None]))
+        cols.append((-(t_idx[:, None] - starts).float().expand(*shape_q, n_blocks), sk[..., None] * one_hot))
     if key_const:
-        c = 0.0 if sk is None else (key_idx - centre).float() * sk
+        c = 0.0 if sk is None else (key_idx % length).float() * sk
         if ck is not None:
             c = c - (ck - rho[..., key_idx // length])
         cols.append((torch.ones(*shape_q, 1, device=device), c.expand(shape_k)[..., None]))
-    if per_block:
+    if with_a:
         a = 0.0 if sq is None else -(t_idx[:, None] - starts).float() * sq[..., None]
         if cq is not None:
             a = a + (cq[..., None] - rho[..., None, :])
-        one_hot = (key_idx[:, None] // length == torch.arange(n_blocks, device=device)).float()
         cols.append((a.expand(*shape_q, n_blocks), one_hot.expand(*shape_k, n_blocks)))
     return torch.cat([c[0] for c in cols], -1), torch.cat([c[1] for c in cols], -1)
 
@@ -191,23 +198,14 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, bias: SeparableBias) ->
 # PathIntegralBias: query blocks, keys reversed, recomputation in backward
 # ----------------------------------------------------------------------------------------
 
-# torch's CPU exp leaves its vector path for arguments below about -87 (results that
-# underflow, and -inf) and runs ~40x slower there; far keys of a decaying bias live there.
-# Flooring the shifted logits at -80 keeps every exp on the fast path: a floored weight is
-# at most e^-80 ~ 2e-35, which vanishes in sums whose largest term is 1. Hidden entries are
-# zeroed after the exp, so causality stays exact.
-EXP_FLOOR = -80.0
-
-
-def _exp_visible(shifted: Tensor, hidden: Tensor) -> Tensor:
-    """In place: exp of (logit - row max, or - lse), hidden entries exactly 0."""
-    shifted.clamp_(min=EXP_FLOOR).exp_()
-    shifted[..., :hidden.shape[-1]].masked_fill_(hidden, 0.0)
-    return shifted
-
-
 def path_integral_attention(q: Tensor, k: Tensor, v: Tensor, bias: PathIntegralBias,
                             block: Optional[int] = None) -> Tensor:
+    """The fused CPU kernel (grape_ap_cpu.py) where it runs; else, or with ``block`` given (the
+    tensor-op path's query block, for tests), the tensor-op path below. Same function."""
+    if block is None:
+        from .grape_ap_cpu import grape_ap_cpu_attention, serves
+        if serves(q, bias.p):
+            return grape_ap_cpu_attention(q, k, v, bias.p, bias.r, bias.slope)
     block = block or query_block(q.shape[0], q.shape[1], k.shape[2])
     return _PathIntegralAttention.apply(q, k, v, bias.p, bias.r, bias.slope, block)
 
@@ -219,91 +217,158 @@ def _hidden(nq: int, device) -> Tensor:
     return i[None, :] < (nq - 1 - i)[:, None]
 
 
-def _block_logits(qb, k_vis, pb, r_vis, slope, hidden, hide_logits=True):
-    """Logits with the GRAPE-AP bias for one query block, keys in reverse order
-    (column u = key kend-1-u). Returns S (B, H, nq, kv), -inf where hidden (unless
-    ``hide_logits`` is False: backward zeroes those weights after the exp anyway), and z.
+def _shifted_views(buffer: Tensor, shape) -> tuple[Tensor, Tensor]:
+    """Two contiguous views of one flat buffer, the second one element behind the first: a
+    row-wise prefix sum written into ``ahead`` reads through ``behind`` shifted one column
+    right (behind[..., u] = ahead[..., u - 1]), i.e. as the exclusive sum, without a copy.
+    Column 0 of ``behind`` holds the previous row's last sum until the caller zeroes it."""
+    n = math.prod(shape)
+    return buffer[1:n + 1].view(shape), buffer[:n].view(shape)
 
-    With keys reversed, b(u) = Σ_{u' < u} ψ(u') is an exclusive prefix sum. ψ is zeroed on
-    the hidden columns left of each row's diagonal first: the sum then starts at the
-    diagonal with exact zeros before it, so no later key touches the row, even in rounding."""
-    nq = qb.shape[2]
-    s = qb @ k_vis.transpose(-1, -2)
-    z = pb @ r_vis.transpose(-1, -2)
-    psi = F.logsigmoid(z)
-    psi[..., :nq].masked_fill_(hidden, 0.0)
-    cum = psi.cumsum_(-1)
-    s[..., 1:].addcmul_(cum[..., :-1], slope.view(1, -1, 1, 1))
-    if hide_logits:
-        s[..., :nq].masked_fill_(hidden, float("-inf"))
-    return s, z
+
+def _accumulate(dst: Tensor, a: Tensor, b: Tensor) -> None:
+    """dst += a @ b in place (one fused GEMM per (batch, head), no temporary); dst is a slice
+    of our own contiguous (B, H, T, d) gradient, so its first two dims always merge."""
+    dst.view(-1, *dst.shape[2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))
+
+
+def _block_operands(q, k, v, p, r):
+    """Contiguous float32 q/√d, p/d_p and the keys' k, v, r in reverse order, whatever the
+    caller's layout (the model's q, k, v are transposed views): the in-place GEMMs need slices
+    whose (batch, head) dims merge, and contiguous operands are the GEMMs' fast case."""
+    qs = (q.float() / math.sqrt(q.shape[-1])).contiguous()
+    ps = (p.float() / p.shape[-1]).contiguous()
+    return (qs, ps, *(t.float().flip(2).contiguous() for t in (k, v, r)))
+
+
+# logsigmoid(z) = log(sigmoid(z)) while sigmoid(z) is a normal float (z >= -87); below, the
+# exact value z - log1p(e^z) rounds to z itself.
+LOG_SIGMOID_LOW = -87.0
+
+
+def _log_sigmoid(z: Tensor, sig: Tensor, out: Tensor) -> None:
+    """out = logsigmoid(z), sig = sigmoid(z) (``sig`` and ``out`` may be ``z``'s memory).
+
+    As log(sigmoid(z)): two vectorised passes, 2.3x faster than torch's log_sigmoid/softplus
+    kernels (log1p), and as precise: torch's CPU log_sigmoid also rounds log(1 + e^-z) for
+    z > 0. Entries below LOG_SIGMOID_LOW, where sigmoid(z) leaves the normal floats (log
+    would give -inf), are set to z one by one, so no other entry changes: whether a row
+    needs the patch depends on its own z only (causality)."""
+    if torch.compiler.is_compiling():          # no data-dependent branch in a traced graph
+        low = z < LOG_SIGMOID_LOW
+        exact = torch.where(low, z, 0.0)
+        torch.log(torch.sigmoid(z, out=sig), out=out)
+        out.copy_(torch.where(low, exact, out))
+        return
+    patch = None
+    if z.amin().item() < LOG_SIGMOID_LOW:       # rare: |p_t| > 87 d_p / |r_l| somewhere
+        low = z < LOG_SIGMOID_LOW
+        patch = low, z[low]
+    torch.log(torch.sigmoid(z, out=sig), out=out)
+    if patch is not None:
+        out[patch[0]] = patch[1]
+
+
+def _block_probs(buffer: Tensor, sig: Tensor, qb: Tensor, k_rev_t: Tensor, pb: Tensor, r_rev_t: Tensor,
+                 slope: Tensor, hidden: Tensor) -> Tensor:
+    """softmax(q·k/√d + b) for one query block, keys in reverse order (column u = key
+    kend-1-u), computed in ``buffer``, and sigmoid(z) in ``sig`` (which may be ``buffer``:
+    the forward needs no sigmoid). Forward and backward call it alike, so the backward's
+    probabilities equal the forward's bit for bit and no logsumexp needs keeping.
+
+    With keys reversed, b(u) = Σ_{u' < u} ψ(u') is an exclusive prefix sum, ψ = m·logsigmoid(z).
+    logsigmoid is zeroed on the hidden columns first: the sum then starts at the diagonal with
+    exact zeros before it, so no later key touches the row, even in rounding. The GEMM adds
+    q·k onto the bias in place (beta = 1), and torch's softmax kernel does max, exp, sum and
+    scale per row while the row is in cache (and its exp, unlike torch's elementwise one, has
+    no slow path for the far keys' arguments below -87)."""
+    B, H, nq, _ = qb.shape
+    shape = (B, H, nq, k_rev_t.shape[-1])
+    log_sig_sum, S = _shifted_views(buffer, shape)
+    sig = sig[:log_sig_sum.numel()].view(shape) if sig is not buffer else log_sig_sum
+    torch.matmul(pb, r_rev_t, out=sig)                                  # z
+    _log_sigmoid(sig, sig, log_sig_sum)
+    log_sig_sum[..., :nq].masked_fill_(hidden, 0.0)
+    log_sig_sum.cumsum_(-1)
+    S[..., 0] = 0.0                     # b at the diagonal: the empty sum
+    S.mul_(slope)
+    S.view(B * H, nq, -1).baddbmm_(qb.flatten(0, 1), k_rev_t.flatten(0, 1))
+    S[..., :nq].masked_fill_(hidden, float("-inf"))
+    return torch.ops.aten._softmax.out(S, -1, False, out=S)
 
 
 class _PathIntegralAttention(torch.autograd.Function):
+    """Query blocks against their visible keys in reverse order; backward recomputes each
+    block (flash-attention style). Every (B, H, block, keys) matrix lives in preallocated flat
+    buffers, updated in place: fresh tensors of that size cost the kernel's page faults on
+    every block, more than the arithmetic."""
 
     @staticmethod
     def forward(ctx, q, k, v, p, r, slope, block):
         B, H, Tq, D = q.shape
-        scale = 1.0 / math.sqrt(D)
-        qs, pf = q.float() * scale, p.float() / p.shape[-1]
-        k_rev, v_rev, r_rev = (t.float().flip(2) for t in (k, v, r))
-        sl = slope.float()
+        qs, ps, k_rev, v_rev, r_rev = _block_operands(q, k, v, p, r)
+        sl = slope.float().view(1, -1, 1, 1)
         out = torch.empty(B, H, Tq, D, device=q.device)
-        lse = torch.empty(B, H, Tq, 1, device=q.device)
+        buffer = torch.empty(B * H * min(block, Tq) * k.shape[2] + 1, device=q.device)
         for s0 in range(0, Tq, block):
             s1 = min(s0 + block, Tq)
             first = Tq - s1          # reversed index of the block's last visible key
-            hidden = _hidden(s1 - s0, q.device)
-            S, _ = _block_logits(qs[:, :, s0:s1], k_rev[:, :, first:], pf[:, :, s0:s1],
-                                 r_rev[:, :, first:], sl, hidden)
-            m = S.amax(-1, keepdim=True)
-            S = _exp_visible(S.sub_(m), hidden)
-            l = S.sum(-1, keepdim=True)
-            out[:, :, s0:s1] = (S @ v_rev[:, :, first:]).div_(l)
-            lse[:, :, s0:s1] = m + l.log()
-        ctx.save_for_backward(q, k, v, p, r, slope, out, lse)
+            P = _block_probs(buffer, buffer, qs[:, :, s0:s1], k_rev[:, :, first:].transpose(-1, -2),
+                             ps[:, :, s0:s1], r_rev[:, :, first:].transpose(-1, -2), sl,
+                             _hidden(s1 - s0, q.device))
+            out[:, :, s0:s1] = P @ v_rev[:, :, first:]
+        ctx.save_for_backward(q, k, v, p, r, slope, out)
         ctx.block = block
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, p, r, slope, out, lse = ctx.saved_tensors
-        block, want_slope = ctx.block, ctx.needs_input_grad[5]
-        Tq, D = q.shape[2], q.shape[3]
-        dp = p.shape[-1]
-        scale = 1.0 / math.sqrt(D)
-        qs, pf = q.float() * scale, p.float() / dp
-        k_rev, v_rev, r_rev = (t.float().flip(2) for t in (k, v, r))
-        sl = slope.float()
-        do = grad_out.float()
-        delta = (do * out).sum(-1, keepdim=True)           # rowsum(dO ∘ O) = Σ_j P dP
-        dq, dpq = torch.zeros_like(qs), torch.zeros_like(pf)
-        dk_rev, dv_rev, dr_rev = torch.zeros_like(k_rev), torch.zeros_like(v_rev), torch.zeros_like(r_rev)
-        dslope = torch.zeros_like(sl)
-        for s0 in range(0, Tq, block):
-            s1 = min(s0 + block, Tq)
-            first = Tq - s1
-            kv, vv, rv = k_rev[:, :, first:], v_rev[:, :, first:], r_rev[:, :, first:]
-            qb, pb, dob = qs[:, :, s0:s1], pf[:, :, s0:s1], do[:, :, s0:s1]
-            hidden = _hidden(s1 - s0, q.device)
-            P, z = _block_logits(qb, kv, pb, rv, sl, hidden, hide_logits=False)
-            P = _exp_visible(P.sub_(lse[:, :, s0:s1]), hidden)
-            dv_rev[:, :, first:] += P.transpose(-1, -2) @ dob
-            dS = (dob @ vv.transpose(-1, -2)).sub_(delta[:, :, s0:s1]).mul_(P)
-            del P
-            dq[:, :, s0:s1] = dS @ kv
-            dk_rev[:, :, first:] += dS.transpose(-1, -2) @ qb
-            # ψ(u) feeds every later column: dψ(u) = Σ_{u'>u} dS(u') = -Σ_{u'<=u} dS(u'),
-            # the rows of dS summing to zero; hidden columns (dS = 0) get exactly 0.
-            neg_dpsi = dS.cumsum_(-1)
-            if want_slope:
-                dslope -= (neg_dpsi * F.logsigmoid(z)).sum((0, 2, 3))
-            # dz = dψ · m · sigmoid(-z) = -neg_dpsi · (1 - sigmoid(z)) · m; m applied after the matmuls
-            neg_dz = torch.addcmul(neg_dpsi, neg_dpsi, z.sigmoid_(), value=-1.0)
-            dpq[:, :, s0:s1] = neg_dz @ rv
-            dr_rev[:, :, first:] += neg_dz.transpose(-1, -2) @ pb
-        m = -sl.view(1, -1, 1, 1)                          # pf already carries the 1/dp
-        grads = (dq * scale, dk_rev.flip(2), dv_rev.flip(2), dpq * m / dp, dr_rev.flip(2) * m, dslope)
-        inputs = (q, k, v, p, r, slope)
-        return (*(g.to(t.dtype) if ctx.needs_input_grad[i] else None
-                  for i, (g, t) in enumerate(zip(grads, inputs))), None)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _path_integral_backward(ctx, grad_out)
+
+
+def _path_integral_backward(ctx, grad_out):
+    q, k, v, p, r, slope, out = ctx.saved_tensors
+    block, want_slope = ctx.block, ctx.needs_input_grad[5]
+    B, H, Tq, D = q.shape
+    Tk, dp = k.shape[2], p.shape[-1]
+    qs, ps, k_rev, v_rev, r_rev = _block_operands(q, k, v, p, r)
+    sl = slope.float().view(1, -1, 1, 1)
+    do = grad_out.float().contiguous()
+    delta = (do * out).sum(-1, keepdim=True)           # rowsum(dO ∘ O) = Σ_j P dP
+    dq, dp_sum = torch.empty_like(qs), torch.empty_like(ps)
+    dk_rev, dv_rev, dr_rev = (torch.zeros(t.shape, device=q.device) for t in (k_rev, v_rev, r_rev))
+    dslope = torch.zeros(H, device=q.device)
+    size = B * H * min(block, Tq) * Tk
+    buffer, sig_buffer, grad_buffer = (torch.empty(size + extra, device=q.device) for extra in (1, 0, 0))
+    for s0 in range(0, Tq, block):
+        s1 = min(s0 + block, Tq)
+        first = Tq - s1
+        kv, vv, rv = k_rev[:, :, first:], v_rev[:, :, first:], r_rev[:, :, first:]
+        qb, pb, dob = qs[:, :, s0:s1], ps[:, :, s0:s1], do[:, :, s0:s1]
+        hidden = _hidden(s1 - s0, q.device)
+        P = _block_probs(buffer, sig_buffer, qb, kv.transpose(-1, -2), pb, rv.transpose(-1, -2), sl, hidden)
+        sig = sig_buffer[:P.numel()].view(P.shape)
+        _accumulate(dv_rev[:, :, first:], P.transpose(-1, -2), dob)
+        dS = grad_buffer[:P.numel()].view(P.shape)
+        torch.matmul(dob, vv.transpose(-1, -2), out=dS).sub_(delta[:, :, s0:s1]).mul_(P)
+        dq[:, :, s0:s1] = dS @ kv
+        _accumulate(dk_rev[:, :, first:], dS.transpose(-1, -2), qb)
+        # ψ(u) feeds every later column: dψ(u) = Σ_{u'>u} dS(u') = Σ_u' dS - Σ_{u'<=u} dS(u').
+        # The full row sum is 0 in exact arithmetic but not in float32 (δ comes from the rounded
+        # output); subtracting the computed one keeps that residual out of every far column,
+        # where it would add up in the probe and slope gradients. Hidden columns get exactly 0.
+        neg_dpsi = dS.cumsum_(-1)
+        neg_dpsi.sub_(neg_dpsi[..., -1:].clone())[..., :s1 - s0].masked_fill_(hidden, 0.0)
+        if want_slope:     # dm = Σ dψ·logsigmoid(z) (the sums are freshly made, slope gradients are rare)
+            z = pb @ rv.transpose(-1, -2)
+            dslope -= (neg_dpsi * F.logsigmoid(z)).sum((0, 2, 3))
+        # dz = dψ·m·sigmoid(-z) = -m·neg_dpsi·(1 - sigmoid(z)); -m applied after the GEMMs
+        neg_dz = torch.addcmul(neg_dpsi, neg_dpsi, sig, value=-1.0, out=sig)
+        dp_sum[:, :, s0:s1] = neg_dz @ rv
+        _accumulate(dr_rev[:, :, first:], neg_dz.transpose(-1, -2), pb)
+    # z = p·r/d_p: dp = Σ dz r/d_p = -m (neg_dz @ r)/d_p, dr = Σ dz p/d_p = -m (neg_dzᵀ @ pb)
+    grads = (dq / math.sqrt(D), dk_rev.flip(2), dv_rev.flip(2), dp_sum * (-sl / dp), dr_rev.flip(2) * -sl, dslope)
+    inputs = (q, k, v, p, r, slope)
+    return (*(g.to(t.dtype) if ctx.needs_input_grad[i] else None
+              for i, (g, t) in enumerate(zip(grads, inputs))), None)

@@ -13,6 +13,8 @@ the oldest tokens would silently change the model, so going past ``block_size`` 
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -55,6 +57,52 @@ class StreamingCache:
 # ----------------------------------------------------------------------------------------
 # nanoGPT-style sampling
 # ----------------------------------------------------------------------------------------
+
+# A decoding step is a few hundred small ops. Each op split across threads pays a fork and a
+# join, which costs more than it saves until a step's matrices are large, and on a busy machine
+# a thread waiting for a core stalls every op: results/BENCHMARKS.md "Decoding: threads" measured
+# 1 thread 6-40x faster than 2 at every size up to ~2 GFLOP per step on a loaded 2-core machine.
+PARALLEL_STEP_FLOPS = 2e9
+
+
+def decoding_threads(model, batch: int) -> int:
+    """CPU threads for decoding ``batch`` sequences with ``model``: 1 while a step's work,
+    about 2 x parameters x batch FLOPs, stays under PARALLEL_STEP_FLOPS; above, torch's
+    current count less the cores that other processes keep busy (1-minute load average)."""
+    step_flops = 2 * sum(p.numel() for p in model.parameters()) * batch
+    current = torch.get_num_threads()
+    if step_flops < PARALLEL_STEP_FLOPS or current == 1:
+        return 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):          # no load average (Windows): trust torch's count
+        return current
+    return max(1, min(current, int((os.cpu_count() or 1) - busy + 0.5)))
+
+
+@contextmanager
+def cpu_threads(n: Optional[int]):
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged), and the
+    caller's count restored after it."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def threads_for(model, idx: Tensor, threads: Optional[int]) -> Optional[int]:
+    """The thread count ``generate`` decodes with: ``threads`` if given (> 0), else
+    ``decoding_threads`` on CPU, else None (GPU decoding: leave torch's setting alone)."""
+    if threads is not None and threads > 0:
+        return threads
+    if idx.device.type != "cpu":
+        return None
+    return decoding_threads(model, idx.shape[0])
+
 
 def check_room(model, prompt_len: int, max_new_tokens: int) -> None:
     """Decoding n tokens after a prompt of p feeds p + n - 1 tokens through the model."""

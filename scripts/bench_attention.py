@@ -14,6 +14,10 @@ Time and peak memory as ``bench_common.py`` measures them.
     python -m scripts.bench_attention --device cpu --T 512 1024 2048 4096 --out results/BENCHMARKS.md
     python -m scripts.bench_attention --family --T 1024 4096 --out results/BENCHMARKS.md     # the rest of the GRAPE family
     python -m scripts.bench_attention --precision --T 4096
+    # issue 24's shape: 8 heads of 64, vocabulary 512, 2 threads, times interleaved in one process
+    python -m scripts.bench_attention --T 512 1024 2048 4096 --n_embd 512 --n_head 8 --vocab_size 512 \
+        --threads 2 --interleave --repeats 3 --encodings rope alibi fox grape_a_q grape_a_k grape_a_qk grape_ap
+    python -m scripts.bench_attention --breakdown --T 4096 --n_embd 512 --n_head 8 --threads 2   # where GRAPE-AP's time goes
 
 Grid encodings run on a grid of rows of 64 tokens (T // 64, 64).
 """
@@ -31,7 +35,11 @@ import torch
 import grape
 from grape import build_encoding
 from modeling import attention
-from scripts.bench_common import config_for, fmt, machine_description, measured_rows, ratio, run_config, write_section
+from modeling import chunked, grape_ap_cpu
+from modeling.bias import PathIntegralBias
+from modeling.dense import causal_sdpa
+from scripts.bench_common import (config_for, fmt, interleaved_times, load_average, machine_description,
+                                  measured_rows, ratio, run_config, write_section)
 
 ENCODINGS = ["nope", "rope", "grape_m", "grape_m_ctx", "alibi", "fox",
              "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
@@ -41,6 +49,7 @@ FAMILY = ["grape_m_basis", "grape_m_planes", "grape_m_grid", "grape_m_ctx_dict",
 SECTION = "## Attention (CPU)"
 FAMILY_SECTION = "## Attention (CPU): the rest of the GRAPE family"
 PRECISION_SECTION = "## Attention precision (float32)"
+BREAKDOWN_SECTION = "## Attention (CPU): where GRAPE-AP's time goes"
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,6 +119,100 @@ def precision_report(args, encodings) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# Breakdown: where GRAPE-AP's attention time goes
+# ----------------------------------------------------------------------------------------
+
+# aten / kernel ops by what they do in the attention paths (self CPU time); anything else is "other"
+WHAT_OPS = {
+    "GEMMs (q·k, P·v, dS·k, dSᵀ·q, Pᵀ·dO, dO·vᵀ; probe products p·r)":
+        {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_"},
+    "log-sigmoid (tensor ops: sigmoid, then log)": {"aten::sigmoid", "aten::log", "aten::log_sigmoid_forward"},
+    "cumsum (tensor ops: path sums, dψ)": {"aten::cumsum", "aten::cumsum_"},
+    "softmax (tensor ops)": {"aten::_softmax"},
+    "elementwise glue (slope, masks, dS, dz)": {"aten::mul", "aten::mul_", "aten::sub", "aten::sub_", "aten::div",
+                                                "aten::addcmul", "aten::masked_fill_", "aten::sum", "aten::amin",
+                                                "aten::fill_", "aten::zero_", "aten::lt", "aten::arange"},
+    "layout (flips, contiguous and float copies)": {"aten::flip", "aten::copy_", "aten::clone", "aten::empty",
+                                                    "aten::zeros", "aten::empty_strided"},
+    "fused kernel loops (path integral, softmax, probe gradients; grape_ap_cpu.cpp)":
+        {"grape_ap_cpu::forward", "grape_ap_cpu::backward"},
+    "SDPA flash kernel": {"aten::_scaled_dot_product_flash_attention_for_cpu",
+                          "aten::_scaled_dot_product_flash_attention_for_cpu_backward"},
+}
+
+
+def grape_ap_inputs(T: int, n_head: int, head_dim: int, p_dim: int = 8):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n_head, T, head_dim, generator=g).requires_grad_() for _ in range(3))
+    p = torch.randn(1, n_head, T, p_dim, generator=g).requires_grad_()
+    r = torch.randn(1, n_head, T, p_dim, generator=g)
+    r = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True))).requires_grad_()      # RMS-normalised, as GRAPE-AP's
+    return q, k, v, p, r, grape.alibi_slopes(n_head)
+
+
+def attention_paths(T: int, n_head: int, head_dim: int) -> dict:
+    """{name: (forward, inputs)} of one attention call each: RoPE's SDPA and GRAPE-AP's two CPU paths."""
+    q, k, v, p, r, slope = grape_ap_inputs(T, n_head, head_dim)
+    block = chunked.query_block(1, n_head, T)
+    return {"rope: SDPA": (lambda: causal_sdpa(q, k, v), (q, k, v)),
+            "grape_ap: CPU kernel": (lambda: grape_ap_cpu.grape_ap_cpu_attention(q, k, v, p, r, slope), (q, k, v, p, r)),
+            "grape_ap: tensor ops": (lambda: chunked._PathIntegralAttention.apply(q, k, v, p, r, slope, block),
+                                     (q, k, v, p, r))}
+
+
+def profiled_ms(fn) -> tuple[float, dict]:
+    """(wall ms, {what: self ms}) of one call of fn under torch.profiler."""
+    from torch.profiler import profile
+    with profile() as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = (time.perf_counter() - t0) * 1e3
+    spent = {}
+    for event in prof.key_averages():
+        what = next((w for w, ops in WHAT_OPS.items() if event.key in ops), "other")
+        spent[what] = spent.get(what, 0.0) + event.self_cpu_time_total / 1e3
+    return wall, spent
+
+
+def breakdown_rows(T: int, args) -> list[str]:
+    rows = []
+    for name, (forward, leaves) in attention_paths(T, args.n_head, args.n_embd // args.n_head).items():
+        if name.endswith("kernel") and grape_ap_cpu.ops() is None:
+            rows.append(f"| {T} | {name} | - | not built here | | |")
+            continue
+        grad = torch.randn_like(leaves[0])
+        forward().backward(grad)                                    # warm-up
+        for t in leaves:
+            t.grad = None
+        out = []
+        wall_f, spent_f = profiled_ms(lambda: out.append(forward()))
+        wall_b, spent_b = profiled_ms(lambda: out[0].backward(grad))
+        total = wall_f + wall_b
+        rows.append(f"| {T} | {name} | **all** | **{wall_f:.0f}** | **{wall_b:.0f}** | **100%** |")
+        for what in [*WHAT_OPS, "other"]:
+            f, b = spent_f.get(what, 0.0), spent_b.get(what, 0.0)
+            if f + b >= 0.005 * total:
+                rows.append(f"| {T} | {name} | {what} | {f:.0f} | {b:.0f} | {100 * (f + b) / total:.0f}% |")
+        print("\n".join(rows[-8:]), flush=True)
+    return rows
+
+
+def breakdown_report(args) -> str:
+    lines = [f"## {args.section}" if args.section else BREAKDOWN_SECTION, "",
+             f"Machine: {machine_description(args.device)}; {load_average()} at the start.",
+             "Command: `python -m scripts.bench_attention " + " ".join(sys.argv[1:]) + "`.",
+             f"One attention call, forward then backward, batch 1, {args.n_head} heads of "
+             f"{args.n_embd // args.n_head}, GRAPE-AP probes of width 8 (r RMS-normalised), ALiBi slopes; "
+             "torch.profiler's self CPU time per op, grouped by what the op does (a group under 0.5% of "
+             "the call is left out; the kernel's GEMMs are aten ops it calls, its own loops the rest). "
+             "ms of one profiled call after a warm-up call; the profiler adds a little to each op.",
+             "", "| T | path | what | forward ms | backward ms | share |", "|---|---|---|---:|---:|---:|"]
+    for T in args.T:
+        lines += breakdown_rows(T, args)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------
 
@@ -119,8 +222,11 @@ def table(results: dict, what: str, Ts, encodings) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = lambda r: r is not None and "error" not in r
     for T, enc, a, d, rope in measured_rows(results, what, Ts, encodings):
+        used = a.get('used', a.get('error', '-')) if a else '-'
+        if used == "chunked" and "grape_ap" in enc and grape_ap_cpu.ops() is not None:
+            used = "chunked: CPU kernel"
         lines.append(
-            f"| {T} | {enc} | {a.get('used', a.get('error', '-')) if a else '-'} "
+            f"| {T} | {enc} | {used} "
             f"| {fmt(a, 'time', 1e3)} | {ratio(a['time'], rope['time']) if ok(a) and ok(rope) else '-'} "
             f"| {fmt(d, 'time', 1e3)} | {ratio(a['time'], d['time']) if ok(a) and ok(d) else '-'} "
             f"| {fmt(a, 'peak')} | {ratio(a['peak'], rope['peak']) if ok(a) and ok(rope) else '-'} "
@@ -129,7 +235,8 @@ def table(results: dict, what: str, Ts, encodings) -> list[str]:
 
 
 def shape_text(args) -> str:
-    text = f"batch 1, {args.n_head} heads of {args.n_embd // args.n_head}, n_embd {args.n_embd}"
+    text = (f"batch 1, {args.n_head} heads of {args.n_embd // args.n_head}, n_embd {args.n_embd}, "
+            f"vocabulary {args.vocab_size}")
     return text + (f", {args.dtype} autocast" if args.dtype != "float32" else "")
 
 
@@ -137,17 +244,23 @@ def report(results, args, Ts, encodings, elapsed) -> str:
     head = SECTION if args.device == "cpu" else f"## Attention ({args.device.upper()})"
     if args.family:
         head = FAMILY_SECTION.replace("CPU", args.device.upper()) if args.device != "cpu" else FAMILY_SECTION
+    head = f"## {args.section}" if args.section else head
     cmd = "python -m scripts.bench_attention " + " ".join(sys.argv[1:])
     lines = [head, "",
              f"Machine: {machine_description(args.device)}.",
              f"Command: `{cmd}` ({elapsed / 60:.0f} min).",
-             f"Median of {args.repeats} forward+backward steps after one warm-up; {shape_text(args)}. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
+             (f"Min of {args.repeats} forward+backward steps per configuration, the configurations taking turns "
+              "in one process after a warm-up step each"
+              + ("; time = CPU time of the process (time.process_time), not wall-clock" if args.cpu_time else "")
+              if args.interleave else
+              f"Median of {args.repeats} forward+backward steps after one warm-up")
+             + f"; {shape_text(args)}; {load_average()} at the end. Peak = extra memory of the step (CPU: peak RSS of a forked child minus its RSS "
              "before the step; CUDA: max_memory_allocated). ×RoPE: against RoPE with the auto backend "
              "(SDPA) of the same T; auto/dense: the same encoding through the dense T² reference path.",
              ""]
     if args.note:
         lines += [args.note, ""]
-    for what, title in (("model", "One model step (2 layers, GPT-2 vocabulary)"), ("layer", "One attention layer")):
+    for what, title in (("model", "One model step (2 layers)"), ("layer", "One attention layer")):
         if any(k[0] == what for k in results):
             lines += [f"### {title}", ""] + table(results, what, Ts, encodings) + [""]
     return "\n".join(lines)
@@ -166,9 +279,21 @@ def main():
                     help="autocast dtype of the step (float32 weights, as in training)")
     ap.add_argument("--n_embd", type=int, default=256)
     ap.add_argument("--n_head", type=int, default=4)
+    ap.add_argument("--vocab_size", type=int, default=50304)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time every configuration of a T in this process, taking turns, min of --repeats "
+                         "(memory still from forked children)")
+    ap.add_argument("--cpu_time", action="store_true",
+                    help="with --interleave: report this process's CPU time per step instead of wall-clock time "
+                         "(with one thread, what a busy machine disturbs least)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="profile one GRAPE-AP attention call (the CPU kernel, the tensor-op path) and RoPE's SDPA "
+                         "at each T and write where the time goes")
     ap.add_argument("--quick", action="store_true", help="T 256 512, rope/alibi/grape_ap, 1 repeat")
     ap.add_argument("--out", help="write the results as a section of this markdown file (e.g. results/BENCHMARKS.md)")
     ap.add_argument("--note", default="", help="a line added to the written section")
+    ap.add_argument("--section", default=None, help="the '## ' heading of the written section (default: by mode)")
     ap.add_argument("--precision", action="store_true",
                     help="print the float32 error of each additive encoding against a float64 reference instead")
     args = ap.parse_args()
@@ -177,23 +302,44 @@ def main():
     if args.family:
         args.encodings = FAMILY
     encodings = list(dict.fromkeys(["rope", *args.encodings]))      # RoPE is the yardstick
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "grape_ap" in encodings or args.breakdown:
+        grape_ap_cpu.ops()           # build or load the CPU kernel once, before any child is forked
     print(machine_description(args.device), flush=True)
+    if args.breakdown:
+        section = breakdown_report(args)
+        if args.out:
+            write_section(args.out, section)
+        print(section)
+        return
     if args.precision:
         section = precision_report(args, encodings)
         if args.out:
             write_section(args.out, section)
         return
     results, start, done = {}, time.perf_counter(), []
+    shape = dict(dtype=args.dtype, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size)
+    configs = [(enc, backend) for enc in encodings for backend in args.backends]
+    if args.interleave:          # every fork first: a child forked after OpenMP work can hang in libgomp
+        for T in args.T:
+            for what in args.what:
+                for enc, backend in configs:
+                    results[(what, enc, backend, T)] = run_config(what, enc, backend, T, args.device, 1, **shape)
     for T in args.T:
         for what in args.what:
-            for enc in encodings:
-                for backend in args.backends:
-                    r = run_config(what, enc, backend, T, args.device, args.repeats,
-                                   dtype=args.dtype, n_embd=args.n_embd, n_head=args.n_head)
-                    results[(what, enc, backend, T)] = r
-                    print(f"T={T} {what:5s} {enc:12s} {backend:5s} " +
-                          (r["error"] if "error" in r else
-                           f"{r['used']:8s} {r['time'] * 1e3:9.1f} ms  {r['peak']:8.1f} MiB"), flush=True)
+            if args.interleave:
+                for key, r in interleaved_times(what, configs, T, args.device, args.repeats, **shape).items():
+                    if "error" not in results[(what, *key, T)]:
+                        results[(what, *key, T)].update(time=r["cpu"] if args.cpu_time else r["time"], used=r["used"])
+            for enc, backend in configs:
+                if not args.interleave:
+                    results[(what, enc, backend, T)] = run_config(what, enc, backend, T, args.device,
+                                                                  args.repeats, **shape)
+                r = results[(what, enc, backend, T)]
+                print(f"T={T} {what:5s} {enc:12s} {backend:5s} " +
+                      (r["error"] if "error" in r else
+                       f"{r['used']:8s} {r['time'] * 1e3:9.1f} ms  {r['peak']:8.1f} MiB"), flush=True)
         done.append(T)
         section = report(results, args, sorted(done), encodings, time.perf_counter() - start)
         if args.out:

@@ -138,6 +138,52 @@ def run_config(what, encoding, backend, T, device, repeats, **shape) -> dict:
     return json.loads(text)
 
 
+def interleaved_times(what: str, configs: list[tuple[str, str]], T: int, device: str, repeats: int,
+                      dtype: str = "float32", **shape) -> dict:
+    """{(encoding, backend): {"time": min, "cpu": min, "times": [...], "used": backend}} of one
+    step each (wall-clock and this process's CPU seconds),
+    measured in this process with the configurations taking turns: a warm-up step each, then
+    ``repeats`` rounds of one step per configuration. On a shared machine the load moves during
+    a run; taking turns exposes every configuration to the same load, and the minimum is the
+    step least disturbed by it."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    steps, out = {}, {}
+    pick = attention.choose_backend
+    for encoding, backend in configs:
+        chosen = set()
+
+        def recording_choice(q, bias, device_type=None, chosen=chosen):
+            chosen.add(pick(q, bias, device_type))
+            return pick(q, bias, device_type)
+        attention.choose_backend = recording_choice
+        try:
+            steps[encoding, backend] = make_step(what, config_for(encoding, backend, T, **shape), dev, dtype)
+            steps[encoding, backend]()                                       # warm-up
+        finally:
+            attention.choose_backend = pick
+        used = backend if backend != "auto" else "+".join(sorted(chosen)) or "sdpa"
+        out[encoding, backend] = {"times": [], "cpus": [], "used": used}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            sync()
+            out[key]["times"].append(time.perf_counter() - t0)
+            out[key]["cpus"].append(time.process_time() - c0)
+    for r in out.values():
+        r["time"], r["cpu"] = min(r["times"]), min(r["cpus"])
+    return out
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except (AttributeError, OSError):
+        return "load average unknown"
+
+
 def machine_description(device: str) -> str:
     cpu = platform.processor() or "unknown CPU"
     try:

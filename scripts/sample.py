@@ -23,6 +23,13 @@ from training.checkpoint import CheckpointError, load_model
 from training.tokenizer import EOT, gpt2_encoding
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=None, help="training output folder holding ckpt.pt "
@@ -35,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=non_negative, default=0,
+                   help="CPU threads while decoding (0: automatic, 1 for small models; see generation.decoding_threads)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype on GPU (weights stay float32, as in training)")
     return p.parse_args(argv)
@@ -87,7 +96,8 @@ def main(argv=None) -> list[str]:
     texts = []
     for _ in range(args.num_samples):
         with autocast:
-            out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k)
+            out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k,
+                                 threads=args.threads)
         # the embedding is padded past GPT-2's 50257 tokens; an untrained model may pick those ids
         tokens = [t for t in out[0].tolist() if t < enc.n_vocab]
         texts.append(enc.decode(tokens))

@@ -128,6 +128,20 @@ def test_every_additive_encoding_matches_dense_on_every_cpu_backend_at_long_leng
     compare_with_dense(make_encoding(name), backend)
 
 
+def test_grape_ap_tensor_op_path_matches_dense_at_long_length(monkeypatch):
+    """GRAPE-AP's tensor-op path (where the CPU kernel does not run: under torch.compile, in a
+    checkpoint folder, without a compiler), in several query blocks, against dense: the
+    output and the gradients of x, q, k, v and every parameter of the encoding."""
+    from modeling import grape_ap_cpu
+    monkeypatch.setenv(grape_ap_cpu.SWITCH, "0")
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 64 * H * LONG)         # queries in blocks of 64
+    calls = []
+    real = chunked._PathIntegralAttention.apply
+    monkeypatch.setattr(chunked._PathIntegralAttention, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    compare_with_dense(make_encoding("grape_ap"), "chunked")
+    assert calls == [64]
+
+
 def float64_reference(q, k, v, bias, rows=512):
     """softmax(q·k/√d + b) v in float64, a few query rows at a time."""
     full, T = bias.dense().double(), q.shape[2]
@@ -140,11 +154,15 @@ def float64_reference(q, k, v, bias, rows=512):
     return out
 
 
-# Largest output error of the fast paths at T = 2048 against float64 (dense float32: ~1e-6).
-# With one reference at the middle key for every column (before the key blocks) the separable
-# path gave 9e-6 (ALiBi), 1.8e-4 (FoX), 1.1e-5 (GRAPE-A-q), 2.1e-5 (GRAPE-A-qk) here, and
-# GRAPE-AP 1.1e-5 while the ψ of later keys entered its cumsum.
-FAST_PATH_ERROR = {"alibi": 7e-6, "fox": 8e-5, "grape_a_q": 6e-6, "grape_a_qk": 1.5e-5, "grape_ap": 4e-6}
+# Largest output error of the fast paths at T = 2048 against float64 (dense float32: ~1e-6),
+# measured 5.4e-6 (ALiBi), 4.2e-5 (FoX), 3.0e-6 (GRAPE-A-q), 5.0e-6 (GRAPE-A-k), 4.5e-6
+# (GRAPE-A-qk), 7e-7 (GRAPE-AP, the CPU kernel); the bounds leave 1.3-2x for other CPUs' BLAS.
+# Before the key blocks (one reference at the middle key for every column) the separable path
+# gave 9e-6 (ALiBi), 1.8e-4 (FoX), 1.1e-5 (GRAPE-A-q), 2.1e-5 (GRAPE-A-qk); with key blocks
+# for the query slope only, GRAPE-A-k 1.1e-5 and GRAPE-A-qk 1.6e-5 (the key-slope term
+# -(t - c)·sk_j rounded at |sk|·T/2); GRAPE-AP 1.1e-5 while the ψ of later keys entered its cumsum.
+FAST_PATH_ERROR = {"alibi": 7e-6, "fox": 8e-5, "grape_a_q": 6e-6, "grape_a_k": 8e-6, "grape_a_qk": 8e-6,
+                   "grape_ap": 2e-6}
 
 
 @pytest.mark.parametrize("name", sorted(FAST_PATH_ERROR))
@@ -237,6 +255,50 @@ def test_chunked_matches_dense_when_far_weights_underflow():
             before = chunked_attention(q, k, v, make_bias(), block=32)[:, :, :T // 2]
             after = chunked_attention(q, k, v2, make_bias(), block=32)[:, :, :T // 2]
         assert torch.equal(before, after)
+
+
+def path_integral_inputs(B=1, H=2, T=300, D=8, dp=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    p, r = torch.randn(B, H, T, dp, generator=g), torch.randn(B, H, T, dp, generator=g)
+    return q, k, v, p, r, torch.tensor([0.5, 0.05])[:H]
+
+
+def test_grape_ap_chunked_matches_dense_where_sigmoid_underflows():
+    """Probes so large that z = <p, r>/d_p falls below -87 for many pairs, where the chunked
+    path's log(sigmoid(z)) would be -inf: those entries are patched to z (logsigmoid's float32
+    value there). Values and the gradients of q, k, v, p, r and the slope match dense, at a
+    length with several query blocks."""
+    q, k, v, p, r, slope = path_integral_inputs()
+    p[:, :, ::7] *= 200.0                      # every 7th query: |z| up to hundreds
+    leaves = [t.requires_grad_() for t in (q, k, v, p, r, slope)]
+    T = q.shape[2]
+    with torch.no_grad():
+        z = p @ r.transpose(-1, -2) / p.shape[-1]
+        assert (z.tril() < chunked.LOG_SIGMOID_LOW).sum() > 1000
+    make_bias = lambda: PathIntegralBias(T, T, 0, p=p, r=r, slope=slope)
+    (ref, ref_g), (got, got_g) = dense_then_chunked(q, k, v, make_bias, leaves, block=64)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    for a, b in zip(ref_g, got_g):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(b, a, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+
+
+def test_grape_ap_underflow_patch_in_a_block_keeps_earlier_rows_bit_exact():
+    """A later key whose r makes z(t, l) < -87 for the *earlier* queries of its block (pairs
+    those queries never see) switches that block to the patched log-sigmoid; the earlier
+    queries' outputs must not change in any bit."""
+    q, k, v, p, r, slope = path_integral_inputs()
+    T, t = q.shape[2], 100                     # queries 64..127 share a block of 64
+    changed = r.clone()
+    changed[:, :, t + 1:] = -1e4 * p[:, :, 64:65]       # <p_s, r_l> hugely negative for s near 64
+    with torch.no_grad():
+        z = p[:, :, 64:t + 1] @ changed[:, :, t + 1:128].transpose(-1, -2) / p.shape[-1]
+        assert z.min() < chunked.LOG_SIGMOID_LOW
+        before = chunked_attention(q, k, v, PathIntegralBias(T, T, 0, p=p, r=r, slope=slope), block=64)
+        after = chunked_attention(q, k, v, PathIntegralBias(T, T, 0, p=p, r=changed, slope=slope), block=64)
+    assert torch.equal(before[:, :, :t + 1], after[:, :, :t + 1])
+    assert not torch.allclose(before[:, :, t + 1:], after[:, :, t + 1:])
 
 
 class MaxNumel(TorchDispatchMode):

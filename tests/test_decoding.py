@@ -311,3 +311,69 @@ def test_sample_script_prints_text_from_both_checkpoint_formats(tmp_path, capsys
     os.replace(tmp_path / "ckpt.pt", tmp_path / "run" / "out-newer" / "ckpt.pt")
     monkeypatch.chdir(tmp_path / "run")
     assert sample.main(["--start=Hello world", "--num_samples=2", "--max_new_tokens=8", "--seed=1"]) == outputs["ckpt"]
+
+
+# ----------------------------------------------------------------------------------------
+# Threads while decoding
+# ----------------------------------------------------------------------------------------
+
+def threads_seen_by_forward(model):
+    """Records torch.get_num_threads() at every forward of the model's first block."""
+    seen = []
+    model.transformer.h[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    return seen
+
+
+def test_generate_decodes_small_models_on_one_thread_and_restores_the_callers_count():
+    from modeling import generation
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=V, block_size=BLOCK, pos_encoding="rope"))
+    idx = torch.randint(0, V, (1, 5))
+    assert 2 * sum(p.numel() for p in model.parameters()) < generation.PARALLEL_STEP_FLOPS
+    torch.set_num_threads(2)                # the caller's choice (the module fixture set 1)
+    try:
+        seen = threads_seen_by_forward(model)
+        model.generate(idx, 4, temperature=0)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        model.generate(idx, 4, temperature=0, threads=2)          # an explicit count wins
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+        seen.clear()
+        model.generate(input_ids=idx, max_new_tokens=3, do_sample=False)   # transformers' generate too
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_decoding_threads_follow_step_size_and_load(monkeypatch):
+    from modeling import generation
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=V, block_size=BLOCK, pos_encoding="rope"))
+    flops = 2 * sum(p.numel() for p in model.parameters())
+    torch.set_num_threads(2)
+    try:
+        assert generation.decoding_threads(model, batch=1) == 1
+        monkeypatch.setattr(generation, "PARALLEL_STEP_FLOPS", flops * 4)          # a batch of 4 is "large"
+        monkeypatch.setattr(generation.os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(generation.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+        assert generation.decoding_threads(model, batch=2) == 1
+        assert generation.decoding_threads(model, batch=4) == 2      # idle machine: torch's count
+        monkeypatch.setattr(generation.os, "getloadavg", lambda: (3.4, 0.0, 0.0))
+        assert generation.decoding_threads(model, batch=4) == 1      # three of four cores busy
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_sample_script_takes_a_thread_count(tmp_path, monkeypatch):
+    from scripts import sample
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, pos_encoding="rope")
+    torch.save({"model": GPT(cfg).state_dict(), "model_config": cfg.to_dict()}, tmp_path / "ckpt.pt")
+    seen = []
+    real = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: seen.append(kw.get("threads")) or real(self, *a, **kw))
+    sample.main(["--out_dir", str(tmp_path), "--num_samples=1", "--max_new_tokens=3", "--threads=2"])
+    assert seen == [2] and torch.get_num_threads() == 1
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--threads=-1"])
