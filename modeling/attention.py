@@ -119,18 +119,28 @@ def _have_module(name: str) -> bool:
 
 
 _denormals = threading.local()
+_workers_flushed = {"threads": None}       # the pool size whose threads were last flushed
 
 
-def flush_denormals_on_cpu(device: torch.device) -> None:
+def flush_denormals_on_cpu(device: torch.device, bias=None) -> None:
     """Softmax weights of far keys (logits 87-103 below the row max: ALiBi-like biases at
     long T, RoPE's tails) underflow into denormal floats, and x86 arithmetic on denormals
     makes the CPU flash kernel up to 4x slower. Flushing them to zero (|x| < 1.2e-38) changes
-    no result at float32 resolution. The switch is per thread, so it is set once per thread."""
+    no result at float32 resolution. The switch is per thread: the calling thread's is set
+    once; with a bias (where far keys' weights underflow most), the intra-op pool's threads
+    are set too, through the CPU kernel (grape_ap_cpu.flush_denormals_in_workers), once per
+    pool size."""
     if torch.compiler.is_compiling():      # a switch, not a tensor op: set by the eager calls
         return
-    if device.type == "cpu" and not getattr(_denormals, "flushed", False):
+    if device.type != "cpu":
+        return
+    if not getattr(_denormals, "flushed", False):
         torch.set_flush_denormal(True)
         _denormals.flushed = True
+    if bias is not None and _workers_flushed["threads"] != torch.get_num_threads():
+        from .grape_ap_cpu import flush_denormals_in_workers
+        flush_denormals_in_workers()
+        _workers_flushed["threads"] = torch.get_num_threads()
 
 
 def resolve_backend(q: Tensor, bias, backend: str = "auto") -> str:
@@ -144,7 +154,7 @@ def resolve_backend(q: Tensor, bias, backend: str = "auto") -> str:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias=None, backend: str = "auto",
            key_padding: Optional[Tensor] = None) -> Tensor:
-    flush_denormals_on_cpu(q.device)
+    flush_denormals_on_cpu(q.device, bias)
     backend = resolve_backend(q, bias, backend)
     try:
         fn = BACKENDS[backend]

@@ -183,3 +183,30 @@ def test_avx2_build_matches_dense():
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_biased_attention_flushes_denormals_in_every_intra_op_thread():
+    """torch.set_flush_denormal reaches only the calling thread; a product that underflows
+    (1e-30 x 1e-10) over a tensor big enough to be split across 2 threads stays denormal in the
+    other thread's half until the first biased CPU attention call flushes the pool's threads
+    (the kernel built with OpenMP: one chunk per thread). A fresh process, so no earlier test
+    has flushed anything."""
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from modeling.attention import attend\n"
+        "from modeling.bias import PathIntegralBias\n"
+        "x = torch.full((1 << 22,), 1e-30)\n"
+        "denormal = lambda: int(((x * 1e-10) != 0).sum())\n"
+        "torch.set_flush_denormal(True)\n"
+        "before = denormal()\n"
+        "q = torch.randn(1, 2, 8, 4)\n"
+        "bias = PathIntegralBias(8, 8, 0, p=torch.randn(1, 2, 8, 2), r=torch.randn(1, 2, 8, 2), slope=torch.ones(2))\n"
+        "attend(q, q, q, bias)\n"
+        "print(before, denormal())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split()[-2:])
+    assert before > 0, "set_flush_denormal reached every thread by itself: this test checks nothing here"
+    assert after == 0, f"{after} denormal products after the pool was flushed"
