@@ -54,6 +54,7 @@ def _modules_shipped_beside_this_file():
     from modeling.chunked import chunked_attention  # noqa: F401
     from modeling.dense import dense_attention  # noqa: F401
     from modeling.flex import flex_attention  # noqa: F401
+    from modeling.grape_ap_cpu import grape_ap_cpu_attention  # noqa: F401
     from modeling.grape_ap_triton import grape_ap_triton_attention  # noqa: F401
 
 

@@ -60,9 +60,10 @@ def _build():
     name = f"grape_ap_cpu_{capability.lower()}"
     try:
         from torch.utils import cpp_extension
-        print(f"(CPU kernels for biased attention (GRAPE-AP, denormal flush): loading {name}; the first time "
-              "on a machine it compiles, about a minute)",
-              file=sys.stderr, flush=True)
+        built = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+        if not os.path.exists(built):        # a compile ahead, not a load from the cache: say why it waits
+            print(f"(CPU kernels for biased attention (GRAPE-AP, denormal flush): compiling {name} once for "
+                  "this machine, about a minute)", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=["-O3", "-fopenmp", *flags],
                            extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)

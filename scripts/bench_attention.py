@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import sys
 import time
 from typing import Optional
@@ -101,7 +102,7 @@ def float32_errors(encoding: str, T: int, perturbed: bool, device: str) -> Optio
 def precision_report(args, encodings) -> str:
     lines = [PRECISION_SECTION, "",
              f"Machine: {machine_description(args.device)}.",
-             "Command: `python -m scripts.bench_attention " + " ".join(sys.argv[1:]) + "`.",
+             "Command: `python -m scripts.bench_attention " + shlex.join(sys.argv[1:]) + "`.",
              "Largest absolute error of the attention output (v ~ N(0, 1); batch 1, 4 heads of 64) against "
              "a float64 dense reference; parameters at init, and with every parameter perturbed by 0.5·N(0, 1).",
              "", "| T | encoding | parameters | min bias | auto uses | auto error | dense float32 error |",
@@ -200,7 +201,7 @@ def breakdown_rows(T: int, args) -> list[str]:
 def breakdown_report(args) -> str:
     lines = [f"## {args.section}" if args.section else BREAKDOWN_SECTION, "",
              f"Machine: {machine_description(args.device)}; {load_average()} at the start.",
-             "Command: `python -m scripts.bench_attention " + " ".join(sys.argv[1:]) + "`.",
+             "Command: `python -m scripts.bench_attention " + shlex.join(sys.argv[1:]) + "`.",
              f"One attention call, forward then backward, batch 1, {args.n_head} heads of "
              f"{args.n_embd // args.n_head}, GRAPE-AP probes of width 8 (r RMS-normalised), ALiBi slopes; "
              "torch.profiler's self CPU time per op, grouped by what the op does (a group under 0.5% of "
@@ -245,7 +246,7 @@ def report(results, args, Ts, encodings, elapsed) -> str:
     if args.family:
         head = FAMILY_SECTION.replace("CPU", args.device.upper()) if args.device != "cpu" else FAMILY_SECTION
     head = f"## {args.section}" if args.section else head
-    cmd = "python -m scripts.bench_attention " + " ".join(sys.argv[1:])
+    cmd = "python -m scripts.bench_attention " + shlex.join(sys.argv[1:])
     lines = [head, "",
              f"Machine: {machine_description(args.device)}.",
              f"Command: `{cmd}` ({elapsed / 60:.0f} min).",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -127,7 +128,7 @@ def sweep_threads(args, argv):
         rows.append(f"| {layers} x {width} | {batch} | {flops / 1e9:.2f} | "
                     + " | ".join(f"{best[c]:.1f}" for c in counts) + f" | {decoding_threads(model, batch)} |")
         print(rows[-1], flush=True)
-    command = "python -m scripts.bench_decode " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m scripts.bench_decode " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = (f"{THREADS_SECTION}\n\nCached greedy decoding of {args.new_tokens} tokens after a "
             f"{args.context - args.new_tokens}-token prompt, rope models with the GPT-2 vocabulary, tokens/s "
             "(batch x steps / s), best of 3 with the thread counts interleaved in one process. "
@@ -174,7 +175,7 @@ def main(argv=None):
         rows.append(row)
         print(row, flush=True)
 
-    command = "python -m scripts.bench_decode " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m scripts.bench_decode " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = (f"{section}\n\n"
             f"Greedy decoding of {args.new_tokens} tokens after a {prompt_len}-token prompt (context "
             f"{args.context}), batch {args.batch_size}, random model with {args.n_layer} layers, {args.n_head} heads, "

@@ -26,6 +26,7 @@ import argparse
 import functools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def machine_line(args) -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    return "python " + shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
 
 
 def run(cmd, timeout, env=None) -> subprocess.CompletedProcess:

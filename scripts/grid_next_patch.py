@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -125,7 +126,7 @@ def main(argv=None) -> list[dict]:
 
 def write_section(args, text: str) -> None:
     import platform
-    command = "python -m scripts.grid_next_patch " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    command = "python -m scripts.grid_next_patch " + shlex.join(a for a in sys.argv[1:] if a != "--write")
     body = (f"{SECTION}\n\nNext-pixel prediction on generated images of overlapping rectangles "
             f"({COLOURS} colours, raster order), 2 layers, 4 heads, n_embd {args.width}, {args.steps} AdamW steps "
             f"of {args.batch_size} images of {args.train_size}x{args.train_size}; loss (nats/pixel, uniform = "

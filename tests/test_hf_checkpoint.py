@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, RepoUrl
-from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+from transformers.dynamic_module_utils import get_imports, get_relative_import_files, get_relative_imports
 
 from modeling import shipping
 from training.checkpoint import save_checkpoint, load_model
@@ -242,6 +242,9 @@ def test_shipped_code_needs_only_torch_and_transformers(tmp_path):
     # the files transformers copies along with model.py are exactly the ones written
     copied = {os.path.basename(f) for f in get_relative_import_files(str(tmp_path / "model.py"))}
     assert copied == set(files) - {"model.py"}
+    # releases before 5.10.1 copy only the files model.py itself imports: it must name them all
+    direct = {f"{name}.py" for name in get_relative_imports(str(tmp_path / "model.py"))}
+    assert direct == set(files) - {"model.py"}
     assert {"model.py", "grape.py", "attention.py", "generation.py", "padding.py", "hf_forward.py"} <= set(files)
     assert "shipping.py" in files and "tokenizer.py" not in files and "checkpoint.py" not in files
 

@@ -43,7 +43,7 @@ import torch
 
 from modeling.bias import PathIntegralBias, SeparableBias
 from model import GPT, GPTConfig
-from modeling import attention
+from modeling import attention, grape_ap_cpu
 from modeling.chunked import query_block
 from training.configurator import model_fields
 
@@ -255,10 +255,16 @@ def estimate(model_config, batch_size: int, accumulation: int = 1, world_size: i
         layer += kept * scores
         transient = transient_per_sample = temp * scores
     elif backend == "chunked" and bias_kind(bias) == "path_integral":
-        # its backward: float32 copies and gradients of q, k, v (~8 (B, T, C) buffers) and
-        # three (B, H, block, T) float32 block temporaries
-        block = min(T, query_block(B, c.n_head, T))
-        transient = 8 * 4 * B * T * C + 3 * 4 * B * c.n_head * block * T
+        if device_type == "cpu" and not compiled and grape_ap_cpu.ops() is not None:
+            # the fused kernel's backward: contiguous float32 copies of the output gradient, q, k,
+            # v and both probes, their six gradients (one rescaled): ~12 (B, T, C) buffers; its
+            # per-thread scratch is (keys x 16-query) rows, negligible
+            transient = 12 * 4 * B * T * C
+        else:
+            # the tensor-op path's backward: float32 copies and gradients of q, k, v (~8 (B, T, C)
+            # buffers) and three (B, H, block, T) float32 block temporaries
+            block = min(T, query_block(B, c.n_head, T))
+            transient = 8 * 4 * B * T * C + 3 * 4 * B * c.n_head * block * T
     layers = L * layer
     if activation_checkpointing:
         # kept: every block's float32 input; in flight: one block recomputed, with its temporaries
