@@ -59,9 +59,10 @@ class StreamingCache:
 # ----------------------------------------------------------------------------------------
 
 # A decoding step is a few hundred small ops. Each op split across threads pays a fork and a
-# join, which costs more than it saves until a step's matrices are large, and on a busy machine
-# a thread waiting for a core stalls every op: results/BENCHMARKS.md "Decoding: threads" measured
-# 1 thread 6-40x faster than 2 at every size up to ~2 GFLOP per step on a loaded 2-core machine.
+# join, and on a busy machine a thread waiting for a core stalls every op: beside jobs of equal
+# priority on 2 cores, 1 thread decoded 1.3-4.6x faster than 2 at every size up to ~2 GFLOP per
+# step; with the cores free to it, 2 threads gained at most ~20% (results/BENCHMARKS.md
+# "Decoding: threads", "Decoding: threads, beside jobs of equal priority").
 PARALLEL_STEP_FLOPS = 2e9
 
 

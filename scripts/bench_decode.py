@@ -56,6 +56,9 @@ def parse_args(argv=None):
                    f"rope models of the sizes {SWEEP_SIZES} (layers, n_embd, heads, batch) at each count")
     p.add_argument("--write", action="store_true", help="write the table into results/BENCHMARKS.md")
     p.add_argument("--family", action="store_true", help=f"the encodings {FAMILY}, in their own section")
+    p.add_argument("--section", default=None, help="the '## ' heading of the written --sweep section "
+                                                   f"(default: {THREADS_SECTION[3:]!r})")
+    p.add_argument("--note", default="", help="a line added to the written --sweep section (what else ran)")
     return p.parse_args(argv)
 
 
@@ -129,15 +132,16 @@ def sweep_threads(args, argv):
                     + " | ".join(f"{best[c]:.1f}" for c in counts) + f" | {decoding_threads(model, batch)} |")
         print(rows[-1], flush=True)
     command = "python -m scripts.bench_decode " + shlex.join(sys.argv[1:] if argv is None else argv)
-    text = (f"{THREADS_SECTION}\n\nCached greedy decoding of {args.new_tokens} tokens after a "
+    section = f"## {args.section}" if args.section else THREADS_SECTION
+    text = (f"{section}\n\nCached greedy decoding of {args.new_tokens} tokens after a "
             f"{args.context - args.new_tokens}-token prompt, rope models with the GPT-2 vocabulary, tokens/s "
             "(batch x steps / s), best of 3 with the thread counts interleaved in one process. "
             f"*generate() picks*: generation.decoding_threads on this machine at the end of the run.\n\n"
             f"Machine: {machine_description('cpu')}; {start_load} at the start, {load_average()} at the end.  \n"
-            f"Command: `{command.strip()}`\n\n" + header + "\n" + "\n".join(rows) + "\n")
+            f"Command: `{command.strip()}`\n\n" + (f"{args.note}\n\n" if args.note else "") + header + "\n" + "\n".join(rows) + "\n")
     if args.write:
         write_section(BENCHMARKS, text)
-        print(f"wrote {THREADS_SECTION} in {os.path.relpath(BENCHMARKS)}")
+        print(f"wrote {section} in {os.path.relpath(BENCHMARKS)}")
     return rows
 
 
