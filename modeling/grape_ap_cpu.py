@@ -8,7 +8,7 @@ each block's keys, in vectors of 16 queries, and leaves the five q/k/v products 
 (``at::mm``), so GRAPE-AP costs little more than RoPE's fused SDPA (results/BENCHMARKS.md "Attention
 (CPU)"). The maths is SPEC §4's; the kernel's header comment says how it stays exactly causal.
 
-``ops()`` builds the kernel once per machine (torch.utils.cpp_extension; about a minute,
+``ops()`` builds the kernel once per machine (torch.utils.cpp_extension; 12 s on a 2-core Xeon,
 cached by torch under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for
 the CPU's vector width, and returns None where it cannot: no C++ compiler or ninja, a torch
 build without the headers, ``GRAPE_AP_CPU_KERNEL=0`` in the environment, or the source file
@@ -63,7 +63,7 @@ def _build():
         built = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
         if not os.path.exists(built):        # a compile ahead, not a load from the cache: say why it waits
             print(f"(CPU kernels for biased attention (GRAPE-AP, denormal flush): compiling {name} once for "
-                  "this machine, about a minute)", file=sys.stderr, flush=True)
+                  "this machine, about 15 s)", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=["-O3", "-fopenmp", *flags],
                            extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)

@@ -8,7 +8,7 @@ larger one (the same weights, a config with the larger grid): 1D RoPE learns "W 
 for the training width only, 2D GRAPE (grape_m_grid, grape_a_grid: coordinates from
 config.grid) sees the same offset vector at every size.
 
-    python -m scripts.grid_next_patch                 # about a minute on 2 CPU cores
+    python -m scripts.grid_next_patch                 # under two minutes on 2 CPU cores
     python -m scripts.grid_next_patch --write         # also record the table in results/BENCHMARKS.md
 """
 from __future__ import annotations

@@ -51,9 +51,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 model = AutoModelForCausalLM.from_pretrained("$out", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("$out", trust_remote_code=True)
 ids = tokenizer("def ", return_tensors="pt").input_ids
-print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_k=50)[0]))
+print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_k=50, repetition_penalty=1.3)[0]))
 print(pipeline("text-generation", model="$out", trust_remote_code=True)("def ", max_new_tokens=40,
-                                                                          do_sample=True, top_k=50))
+                                                                          do_sample=True, top_k=50,
+                                                                          repetition_penalty=1.3))
 EOF
 step auto_classes python "$work/auto_classes.py"
 check "the README's pipeline example prints more than the prompt and spaces" \

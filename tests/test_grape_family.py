@@ -553,7 +553,7 @@ def test_fast_path_matches_dense_at_long_length(name, extra):
 
 
 def test_grid_example_runs_at_toy_size():
-    """scripts/grid_next_patch.py end to end at a toy size (the real run is about a minute)."""
+    """scripts/grid_next_patch.py end to end at a toy size (the real run takes under two minutes)."""
     from scripts import grid_next_patch as example
     images = example.rectangles(3, 6, torch.Generator().manual_seed(0))
     assert images.shape == (3, 36) and images.max() < example.COLOURS and (images > 0).any()
