@@ -58,7 +58,7 @@ print(pipeline("text-generation", model="$out", trust_remote_code=True)("def ", 
 EOF
 step auto_classes python "$work/auto_classes.py"
 check "the README's pipeline example prints more than the prompt and spaces" \
-    python -c "import re,sys; t=open('$logs/auto_classes.out').read(); g=re.findall(r\"'generated_text': '(.*?)'\", t, re.S); sys.exit(not g or not g[-1][4:].strip())"
+    python -c "import ast,sys; g=ast.literal_eval(open('$logs/auto_classes.out').read().splitlines()[-1])[0]['generated_text']; sys.exit(not g[4:].strip())"
 
 step lm_eval_adapter python lm-evaluation-harness/lm_eval_grape.py --model grape --model_args pretrained=$out \
     --tasks grape_smoke --include_path lm-evaluation-harness/tasks --batch_size 8
