@@ -66,7 +66,7 @@ def clean_state_dict(state: dict) -> dict:
     return out
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -134,7 +134,7 @@ def atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     tmp = write_temporary(obj, path)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def stage_pretrained(model, out_dir: str, run_facts: Optional[dict] = None) -> str:
@@ -173,7 +173,7 @@ def commit_pretrained(tmp: str, out_dir: str) -> None:
     for name in sorted(os.listdir(tmp)):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def save_pretrained_atomic(model, out_dir: str) -> None:
@@ -205,7 +205,7 @@ def link_temporary(src: str, dst: str) -> str:
 def atomic_link(src: str, dst: str) -> None:
     """Make ``dst`` the same file as ``src`` atomically: a temporary name first, then rename."""
     os.replace(link_temporary(src, dst), dst)
-    _fsync_dir(os.path.dirname(dst))
+    fsync_dir(os.path.dirname(dst))
 
 
 def save_checkpoint(out_dir: str, state: dict, model=None, best: bool = False) -> str:
@@ -235,7 +235,7 @@ def save_checkpoint(out_dir: str, state: dict, model=None, best: bool = False) -
         os.replace(tmp, final)
     if pretrained is not None:
         commit_pretrained(pretrained, out_dir)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return path
 
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from training.checkpoint import BEST_NAME, CKPT_NAME, CheckpointError, checkpoint_path
+from training.checkpoint import BEST_NAME, CKPT_NAME, CheckpointError, checkpoint_path, fsync_dir
 from training.out_dir_checks import (LOCK_NAME, LOG_NAME, REPLACED_PREFIX, OutDirError, check_contents,
                                      check_free_space, check_path, run_entries, stale_paths)
 
@@ -112,16 +112,6 @@ def remove_previous_run(out_dir: str, names: list[str]) -> None:
         os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
     fsync_dir(out_dir)
     shutil.rmtree(aside)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass                                   # some filesystems cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 def used_message(out_dir: str, used: list[str]) -> str:
