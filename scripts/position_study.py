@@ -33,6 +33,7 @@ import os
 import runpy
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -332,7 +333,8 @@ def lm_records(opts, encodings) -> tuple[list[dict], dict]:
 
 
 def phase_times(opts, add: dict | None = None) -> dict:
-    """Wall seconds per part, summed over the invocations that ran it (out_root/study.json)."""
+    """Wall seconds per part, summed over the invocations that ran it (out_root/study.json; see
+    PartClock)."""
     path = os.path.join(opts.out_root, "study.json")
     times = json.load(open(path)) if os.path.exists(path) else {}
     for k, v in (add or {}).items():
@@ -343,6 +345,36 @@ def phase_times(opts, add: dict | None = None) -> dict:
             json.dump(times, f)
         os.replace(path + ".tmp", path)
     return times
+
+
+class PartClock:
+    """Credits a part's wall time to out_root/study.json every ``every`` seconds and on exit, so an
+    invocation that is killed (or loses its machine) still counts all but its last minutes."""
+
+    def __init__(self, opts, part: str, every: float = 30.0):
+        self.opts, self.part, self.every = opts, part, every
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def tick(self) -> None:
+        with self.lock:
+            now = time.time()
+            phase_times(self.opts, {self.part: now - self.last})
+            self.last = now
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.tick()
+
+    def __enter__(self):
+        self.last = time.time()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.tick()
 
 
 def report(opts, argv, encodings, settings, base_seed, skipped, failed) -> str:
@@ -374,13 +406,12 @@ def main(argv=None) -> int:
     pool = ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn"))
     try:
         for part in opts.parts:
-            t0 = time.time()
-            if part == "tasks":
-                failed.update(run_tasks(opts, encodings, settings, base_seed, pool))
-            else:
-                failed.update(run_lm_streams(opts, encodings))
-                failed.update(run_gains(opts, encodings, pool))
-            phase_times(opts, {part: time.time() - t0})
+            with PartClock(opts, part):
+                if part == "tasks":
+                    failed.update(run_tasks(opts, encodings, settings, base_seed, pool))
+                else:
+                    failed.update(run_lm_streams(opts, encodings))
+                    failed.update(run_gains(opts, encodings, pool))
             print(f"wrote {report(opts, argv, encodings, settings, base_seed, skipped, failed)}", flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted: re-run the same command to resume ({opts.out_root})", flush=True)

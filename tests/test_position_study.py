@@ -131,3 +131,19 @@ def test_context_gain_equals_a_prefix_by_prefix_computation():
             assert g["short"][p] == pytest.approx(short.item(), abs=1e-4)
             assert g["gain"][p] == pytest.approx(full.item() - short.item(), abs=1e-4)
     assert np.abs(g["gain"][:T]).max() < 1e-5               # inside the first block nothing differs
+
+
+def test_study_time_is_credited_while_a_part_runs_not_only_when_it_ends(tmp_path):
+    """A killed invocation never reaches its part's end: the time it ran must already be in
+    study.json (the page's wall time would otherwise miss it)."""
+    import time
+    from types import SimpleNamespace
+    opts = SimpleNamespace(out_root=str(tmp_path))
+    position_study.phase_times(opts, {"tasks": 100.0})          # an earlier invocation
+    start = time.time()
+    with position_study.PartClock(opts, "tasks", every=0.05):
+        time.sleep(0.4)
+        during = json.load(open(tmp_path / "study.json"))["tasks"]
+        assert 100.2 <= during <= 100.0 + (time.time() - start) + 1e-6
+    after = json.load(open(tmp_path / "study.json"))["tasks"]
+    assert abs(after - 100.0 - (time.time() - start)) < 0.05
