@@ -353,14 +353,14 @@ class PartClock:
 
     def __init__(self, opts, part: str, every: float = 30.0):
         self.opts, self.part, self.every = opts, part, every
-        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def tick(self) -> None:
-        with self.lock:
-            now = time.time()
-            phase_times(self.opts, {self.part: now - self.last})
-            self.last = now
+        # one writer at a time: the thread ticks until __exit__ has joined it, then __exit__ does
+        now = time.time()
+        phase_times(self.opts, {self.part: now - self.last})
+        self.last = now
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):

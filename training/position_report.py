@@ -227,20 +227,20 @@ def plot_lm(data: dict, path: str, trained: int) -> None:
     # (with finer buckets the curves share a jagged pattern of the text, not of the encodings);
     # (c) the gain cancels the text; both averaged per block of T, since inside a block the
     # reference restarts its context at the block's first token (a saw-tooth of no interest here)
-    panels = ((axes[0][1], "full", trained, f"(b) loss by position in {mults[-1]}× windows"),
-              (axes[0][2], "gain", trained, f"(c) gain per block of {trained}: loss with the whole window − "
-                                            "with its block only"))
-    for ax, key, w, title in panels:
+    panels = ((axes[0][1], "full", f"(b) loss by position in {mults[-1]}× windows"),
+              (axes[0][2], "gain", f"(c) gain per block of {trained}: loss with the whole window − "
+                                   "with its block only"))
+    for ax, key, title in panels:
         for enc, a in data.items():
             curves = np.array([r[key] for r in a["runs"]])
-            xb, yb = bucket_means(curves.mean(0), w)
+            xb, yb = bucket_means(curves.mean(0), trained)
             ax.plot(xb, yb, lw=1.3, ms=3 if key == "full" else 5, markevery=max(1, len(xb) // 8), label=enc,
                     **look[enc])
             if key == "gain" and len(curves) > 1:
-                lo = np.array([bucket_means(c, w)[1] for c in curves])
+                lo = np.array([bucket_means(c, trained)[1] for c in curves])
                 ax.fill_between(xb, lo.min(0), lo.max(0), color=look[enc]["color"], alpha=0.10, lw=0)
         ax.axvline(trained, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel(f"position (means over {w} positions); dashed: training context")
+        ax.set_xlabel(f"position (means over {trained} positions); dashed: training context")
         ax.set_title(title, fontsize=10)
     axes[0][2].axhline(0, color="black", lw=0.6)
     axes[0][1].set_ylabel("loss (nats), mean over windows and seeds")
